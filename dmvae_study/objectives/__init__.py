@@ -1,0 +1,1 @@
+"""Objectives: small callables kept apart from networks and samplers (EDM `loss.py` style)."""
