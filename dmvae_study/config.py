@@ -45,6 +45,7 @@ class TokenizerConfig(Section):
     projector_hidden: int = field(2048, doc="hidden width of the MLP projector (1024 -> 2048 -> 32)")
     decoder_ch: int = field(128, doc="decoder base channels")
     decoder_ch_mult: tuple[int, ...] = field((1, 2, 4, 4), doc="decoder channel multipliers per resolution")
+    decoder_in_upsample: bool = field(False, doc="upsample the latent once before the decoder levels (Flux-style x16)")
     decoder_res_blocks: int = field(2, doc="residual blocks per decoder resolution")
     decoder_attention: bool = field(True, doc="self-attention in the decoder's middle block")
     kl_weight: float = field(1e-6, doc="beta of the beta-VAE baseline (LDM uses 1e-6)")
@@ -265,7 +266,8 @@ def _imagenet256() -> ExperimentConfig:
         "data": {"dataset": "folder", "root": "data/ImageNet", "resolution": 256, "num_classes": 1000,
                  "num_workers": 8},
         "tokenizer": {"backbone": "dinov2_vitl14", "backbone_patch": 16, "latent_channels": 32,
-                      "projector_hidden": 2048, "decoder_ch": 128, "decoder_ch_mult": [1, 2, 4, 4, 4],
+                      "projector_hidden": 2048, "decoder_ch": 128, "decoder_ch_mult": [1, 2, 4, 4],
+                      "decoder_in_upsample": True,
                       "decoder_res_blocks": 2, "disc_start": 5000, "batch_size": 256, "total_steps": 40000},
         "prior": {"backbone": "dinov2_vitl14", "reducer": "bottleneck", "reduced_dim": 32,
                   "reducer_steps": 20000, "batch_size": 256, "shard_size": 16384},

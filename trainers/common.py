@@ -270,3 +270,29 @@ def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_de
     params = [p for p in params if p.requires_grad]
     fused = device.type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler yielding this rank's dataset indices for steps `start..total-1` (global-batch
+    permutations by epoch, as `StageContext.batch_indices`): the same order after a resume."""
+
+    def __init__(self, ctx: StageContext, n: int, global_batch: int, start: int, total: int):
+        self.ctx, self.n, self.gb, self.start, self.total = ctx, n, global_batch, start, total
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield self.ctx.batch_indices(self.n, self.gb, step).tolist()
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+
+def image_batches(ctx: StageContext, dataset, global_batch: int, start: int, total: int) -> Iterator:
+    """`(img (b, 3, H, W), y (b,))` on the device for each step from `start`; loader workers from the
+    config, pinned memory and non-blocking copies on GPU."""
+    workers = ctx.cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(ctx, len(dataset), global_batch, start, total), num_workers=workers,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
+    for img, y in loader:
+        yield img.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)

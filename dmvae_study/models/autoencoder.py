@@ -1,0 +1,225 @@
+"""The tokenizer: encoder (feature backbone + MLP projector) and conv decoder (paper App. A.1, Fig. 2).
+
+    img (B, 3, H, W) in [-1, 1] --backbone--> (B, C_feat, h, w) --projector--> z (B, C, h, w)
+    z --decoder--> rec (B, 3, H, W)
+
+Backbones are any module with `out_channels: int` mapping `[-1, 1]` images to a feature map
+(`dmvae_study.backbones` for DINOv2 / ResNet-34 / Lite0; `SmallConvEncoder` here for smoke runs).
+The latent is deterministic for DMVAE ("ae"); the beta-VAE baseline ("beta_vae") predicts a diagonal
+Gaussian (mean, logvar) and is regularised by `objectives.recon.kl_loss`.
+
+The tokenizer owns its latent normalisation (STYLE.md): `normalize(z) = (z - latent_mean) / latent_scale`
+with `latent_scale` the *standard deviation* of the latents. Note the official code stores the
+reciprocal: it computes `(z - mean) * latent_scale` with `latent_scale = 1 / std`, so its released
+`latent_mean=0.0685, latent_scale=0.1763` correspond here to `latent_mean=0.0685, latent_scale=1/0.1763`
+(= 5.672); `set_latent_stats(mean, official_scale=...)` converts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmvae_study.models.decoder import Decoder, group_norm
+from dmvae_study.objectives.recon import kl_loss
+
+TokenizerKind = Literal["ae", "beta_vae"]
+
+
+class MLPProjector(nn.Module):
+    """Per-token two-layer MLP `(B, in_dim, h, w) -> (B, out_dim, h, w)`: Linear, SiLU, Linear as 1x1
+    convs (App. A.1: 1024 -> 2048 -> 32, after VA-VAE). `init_std` as the official `init_weights`."""
+
+    def __init__(self, in_dim: int = 1024, hidden: int = 2048, out_dim: int = 32, init_std: float | None = 0.02) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(in_dim, hidden, 1), nn.Conv2d(hidden, out_dim, 1)
+        self.out_channels = out_dim
+        if init_std is not None:
+            for m in (self.fc1, self.fc2):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Last weight before the latent: VA-VAE's adaptive alignment weight is measured here."""
+        return self.fc2.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class SmallConvEncoder(nn.Module):
+    """Smoke-preset backbone: `(B, 3, H, W)` in [-1, 1] -> `(B, out_channels, H/stride, W/stride)`.
+
+    A 3x3 stem, then log2(stride) stride-2 3x3 convs with GroupNorm + SiLU (channels double, capped
+    at 4 * width), then a 3x3 conv. Trained from scratch: it stands in for a pretrained SSL encoder.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 32, stride: int = 8, norm_groups: int = 8) -> None:
+        super().__init__()
+        n = int(round(math.log2(stride))) if stride >= 1 else -1
+        if n < 0 or 2**n != stride:
+            raise ValueError(f"SmallConvEncoder stride must be a power of two, got {stride}")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1)]
+        c = width
+        for i in range(n):
+            out = min(width * 2 ** (i + 1), 4 * width)
+            layers += [group_norm(c, norm_groups), nn.SiLU(), nn.Conv2d(c, out, 3, stride=2, padding=1)]
+            c = out
+        layers += [group_norm(c, norm_groups), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+        self.out_channels, self.stride = c, stride
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net(img)
+
+
+class Encoder(nn.Module):
+    """`img (B, 3, H, W)` -> `(B, projector.out_channels, h, w)`: backbone features, then the projector.
+
+    `freeze_backbone=True` (tokenizer pretraining, App. A.1) runs the backbone under `no_grad` in
+    eval mode; the DMD stage trains the whole encoder (Sec. 3.1) via `set_backbone_frozen(False)`.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, freeze_backbone: bool = True) -> None:
+        super().__init__()
+        if not hasattr(backbone, "out_channels"):
+            raise TypeError(f"backbone {type(backbone).__name__} has no `out_channels` attribute")
+        self.backbone, self.projector = backbone, projector
+        self.out_channels = int(getattr(projector, "out_channels"))
+        self.stride = getattr(backbone, "stride", None)
+        self.backbone_frozen = False
+        self.set_backbone_frozen(freeze_backbone)
+
+    def set_backbone_frozen(self, frozen: bool) -> "Encoder":
+        self.backbone_frozen = frozen
+        if not frozen and hasattr(self.backbone, "unfreeze"):  # dmvae_study.backbones keep their own flag
+            self.backbone.unfreeze()
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        if self.backbone_frozen:  # frozen features never change: BatchNorm stats and dropout stay off
+            self.backbone.eval()
+        return self
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.projector.last_layer
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.backbone_frozen:
+            with torch.no_grad():
+                feats = self.backbone(img)
+        else:
+            feats = self.backbone(img)
+        return self.projector(feats)
+
+
+class Tokenizer(nn.Module):
+    """Encoder + decoder + latent normalisation. `kind="ae"`: deterministic latent (DMVAE);
+    `kind="beta_vae"`: the encoder emits `2 * latent_channels` channels (mean, logvar).
+
+    Shapes: `img (B, 3, H, W)` in [-1, 1]; `z (B, latent_channels, H/stride, W/stride)`.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: Decoder, kind: TokenizerKind = "ae", latent_channels: int = 32) -> None:
+        super().__init__()
+        if kind not in ("ae", "beta_vae"):
+            raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'ae' or 'beta_vae'")
+        want = latent_channels * (2 if kind == "beta_vae" else 1)
+        got = getattr(encoder, "out_channels", want)
+        if got != want:
+            raise ValueError(f"{kind} with latent_channels={latent_channels} needs an encoder with {want} output "
+                             f"channels, got {got}")
+        if decoder.z_channels != latent_channels:
+            raise ValueError(f"decoder takes {decoder.z_channels} latent channels, tokenizer has {latent_channels}")
+        self.encoder, self.decoder, self.kind, self.latent_channels = encoder, decoder, kind, latent_channels
+        self.register_buffer("latent_mean", torch.tensor(0.0))
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    def encode_dist(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """beta-VAE posterior: `(mean, logvar, sample)`, each `(B, C, h, w)`; the sample is
+        reparameterised (differentiable). logvar is clamped to [-30, 20] as in LDM."""
+        if self.kind != "beta_vae":
+            raise ValueError("encode_dist is defined for kind='beta_vae' only; an 'ae' latent is deterministic")
+        mean, logvar = self.encoder(img).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        return mean, logvar, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+    def encode(self, img: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent `(B, C, h, w)` (the posterior mean for beta_vae), unnormalised."""
+        h = self.encoder(img)
+        return h[:, : self.latent_channels] if self.kind == "beta_vae" else h
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised latent `(B, C, h, w)` -> image `(B, 3, H, W)`."""
+        return self.decoder(z)
+
+    def forward(self, img: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """`(rec, z, aux)`. For beta_vae `z` is a posterior sample (the mean if not `sample_posterior`)
+        and `aux` holds `mean`, `logvar` and `kl` (LDM reduction); for ae `aux` is empty."""
+        if self.kind == "ae":
+            z = self.encoder(img)
+            return self.decoder(z), z, {}
+        mean, logvar, sample = self.encode_dist(img)
+        z = sample if sample_posterior else mean
+        return self.decoder(z), z, {"mean": mean, "logvar": logvar, "kl": kl_loss(mean, logvar)}
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Decoder's last conv weight (adaptive GAN weight, Eq. 10)."""
+        return self.decoder.last_layer
+
+    # ---- latent normalisation -------------------------------------------------------------------
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """`(z - latent_mean) / latent_scale`: what the score nets and the stage-2 DiT see."""
+        return (z - self.latent_mean.to(z.dtype)) / self.latent_scale.to(z.dtype)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_scale.to(z.dtype) + self.latent_mean.to(z.dtype)
+
+    def set_latent_stats(self, mean: float, scale: float | None = None, *, official_scale: float | None = None) -> None:
+        """Set the normalisation; `scale` is a std, `official_scale` the official code's 1/std factor."""
+        if (scale is None) == (official_scale is None):
+            raise ValueError("give exactly one of scale (a std) or official_scale (1/std, as released)")
+        s = scale if scale is not None else 1.0 / official_scale  # type: ignore[operator]
+        if not (math.isfinite(mean) and math.isfinite(s) and s > 0):
+            raise ValueError(f"latent stats must be finite with a positive scale, got mean={mean}, scale={s}")
+        self.latent_mean.fill_(mean)
+        self.latent_scale.fill_(s)
+
+    @torch.no_grad()
+    def measure_latent_stats(self, latents: Iterable[torch.Tensor]) -> tuple[float, float]:
+        """Mean and std over *all* elements of the given unnormalised latents (any shapes), merged per
+        batch in float64 (Chan et al.), then stored as `latent_mean`, `latent_scale`; returns them.
+        (The official code averages per-batch 1/std instead; over equal-size batches of a stationary
+        encoder the two agree to first order.)"""
+        n, mean, m2 = 0, 0.0, 0.0
+        for z in latents:
+            z = z.detach().double().reshape(-1)
+            nb = z.numel()
+            if nb == 0:
+                continue
+            mb = float(z.mean())
+            m2b = float(((z - mb) ** 2).sum())
+            delta, tot = mb - mean, n + nb
+            mean += delta * nb / tot
+            m2 += m2b + delta**2 * n * nb / tot
+            n = tot
+        if n < 2:
+            raise ValueError("measure_latent_stats needs at least two latent elements")
+        std = math.sqrt(m2 / (n - 1))
+        self.set_latent_stats(mean, std)
+        return mean, std
+
+
+__all__ = ["Encoder", "MLPProjector", "SmallConvEncoder", "Tokenizer", "TokenizerKind"]
