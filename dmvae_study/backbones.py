@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -318,3 +318,33 @@ def build_text_encoder(name: str, *, weights_dir: str | os.PathLike | None = Non
     else:
         raise ValueError(f"unknown text encoder {name!r}: use siglip, minilm or a local Hugging Face folder")
     return enc.to(device)
+
+
+# ---- grid alignment ---------------------------------------------------------------------------------
+
+def build_grid_backbone(name: str, grid: tuple[int, int], *, vit_patch: int | None = None,
+                        weights_dir: str | os.PathLike | None = None, allow_random_weights: bool = False,
+                        seed: int | None = None, device: torch.device | str = "cpu",
+                        **kw: Any) -> tuple[Backbone, Callable[[torch.Tensor], torch.Tensor]]:
+    """A frozen backbone whose feature map lands on the tokenizer's latent `grid` (h, w): the input is
+    resized to `grid * stride` pixels (ViTs with patch `vit_patch or 14`, as the paper's DINOv2-L/16
+    at 256 px -> 16x16). `seed` makes a random-init net identical on every rank and rerun.
+    Returns the net and `encode(img (B, C, H, W) in [-1, 1]) -> (B, D, h, w)` on `device`."""
+    h, w = grid
+    if name.startswith("dinov2"):
+        patch = vit_patch or 14
+        kw = {"patch_size": patch, "img_size": h * patch, "input_size": h * patch, **kw}
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        net = build_backbone(name, weights_dir=weights_dir, allow_random_weights=allow_random_weights, **kw)
+    net.input_size = h * net.stride  # conv nets: stride 32 -> grid * 32 px
+    net = net.to(device).eval()
+
+    def encode(img: torch.Tensor) -> torch.Tensor:
+        img = img.to(device, non_blocking=True)
+        if img.shape[1] == 1:
+            img = img.expand(-1, 3, -1, -1)  # grey data (data.channels=1) -> RGB backbones
+        f = net(img)
+        return f if tuple(f.shape[-2:]) == (h, w) else F.adaptive_avg_pool2d(f, (h, w))
+    return net, encode

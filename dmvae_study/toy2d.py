@@ -125,7 +125,7 @@ def train_real_model(cfg: ToyConfig, progress: bool = False) -> tuple[torch.nn.M
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return net.eval(), losses
 
 

@@ -1,11 +1,12 @@
 """Sharded, resumable feature extraction for the data-derived priors (paper Sec. 4, Category 1).
 
 `extract` runs an encoder over a dataset of `(input, label)` items in shards of
-`prior.shard_size` items, batches of `prior.batch_size`. Shard i goes to `<art>/feat-0000i.pt`
-(`{"x": (n, D, h, w) float16, "y": (n,) int64, "source": str}`, atomic and checksummed) and is
-computed by rank `i % world`. A rerun skips every shard that is on disk, verifies and came from
-the same weights (`source`), so a killed extraction resumes at the missing shards. Rank 0 then
-reduces (Sec. 3.2) and standardises everything (`reference_from_shards`).
+`prior.shard_size` items (fewer when that would exceed ~1 GiB), batches of `prior.batch_size`.
+Shard i goes to `<art>/feat-0000i.pt` (`{"x": (n, D, h, w) float16, float32 where float16 would
+overflow, "y": (n,) int64, "source": str}`, atomic and checksummed) and is computed by rank
+`i % world`. A rerun skips every shard that is on disk, verifies and came from the same weights
+(`source`), so a killed extraction resumes at the missing shards. Rank 0 then reduces (Sec. 3.2)
+and standardises everything (`reference_from_shards`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from priors.reduce import reduce_chunks
 from priors.registry import BuildContext, HandedOff, latent_grid, wait_for
 
 log = logging.getLogger(__name__)
+
+FEATURE_SHARD_BYTES = 1 << 30  # raw feature shards stay near 1 GiB (DINOv2-L at 16x16: 2048 images)
 
 
 @dataclass
@@ -77,19 +80,23 @@ def _shard_ok(path: Path, n: int, source: str) -> bool:
 
 
 def extract(ctx: BuildContext, items: Dataset, encode: Callable[[Any], torch.Tensor], *, source: str,
-            desc: str = "features", prefix: str = "feat") -> FeatureShards:
+            item_bytes: int | None = None, desc: str = "features", prefix: str = "feat") -> FeatureShards:
     """Encode every item of `items` (`(input, label)` pairs) into shards; returns them on rank 0.
 
     `encode(batch_input) -> (b, D, h, w)`; `source` names the encoder weights and is stored with
-    each shard (a shard from other weights is recomputed). Ranks > 0 raise `HandedOff` after their
-    shards; rank 0 waits for all (a torch.distributed barrier, else polling for the files)."""
+    each shard (a shard from other weights is recomputed). A shard holds `prior.shard_size` items,
+    fewer when `item_bytes` (float16 bytes per item) would make it exceed `FEATURE_SHARD_BYTES`.
+    Ranks > 0 raise `HandedOff` after their shards; rank 0 waits for all (a torch.distributed
+    barrier, else polling for the files)."""
     pcfg = ctx.cfg.prior
     n = len(items)  # type: ignore[arg-type]
-    ranges = [range(s, min(s + pcfg.shard_size, n)) for s in range(0, n, pcfg.shard_size)]
+    size = min(pcfg.shard_size, max(1, FEATURE_SHARD_BYTES // item_bytes)) if item_bytes else pcfg.shard_size
+    ranges = [range(s, min(s + size, n)) for s in range(0, n, size)]
     paths = [ctx.art.file(f"{prefix}-{i:05d}.pt") for i in range(len(ranges))]
-    todo = [i for i in range(len(ranges)) if i % ctx.world == ctx.rank and not _shard_ok(paths[i], len(ranges[i]), source)]
+    todo = [i for i, r in enumerate(ranges) if i % ctx.world == ctx.rank and not _shard_ok(paths[i], len(r), source)]
     # One loader for all missing shards (workers persist); no batch straddles two shards.
-    batches = [(i, list(ranges[i][j:j + pcfg.batch_size])) for i in todo for j in range(0, len(ranges[i]), pcfg.batch_size)]
+    bs = pcfg.batch_size
+    batches = [(i, list(ranges[i][j:j + bs])) for i in todo for j in range(0, len(ranges[i]), bs)]
     if batches:
         loader = DataLoader(items, batch_sampler=[b for _, b in batches], num_workers=ctx.cfg.data.num_workers)
         xs: list[torch.Tensor] = []
@@ -97,11 +104,15 @@ def extract(ctx: BuildContext, items: Dataset, encode: Callable[[Any], torch.Ten
         with tqdm(total=sum(len(b) for _, b in batches), desc=desc, unit="item", disable=not ctx.progress) as bar:
             for k, ((i, _), (inp, y)) in enumerate(zip(batches, loader)):
                 with torch.inference_mode():
-                    xs.append(encode(inp).float().cpu().to(torch.float16))
+                    f = encode(inp).float().cpu()
+                half = f.to(torch.float16)
+                xs.append(half if torch.isfinite(half).all() else f)  # float16 halves the disk unless it overflows
                 ys.append(torch.as_tensor(y, dtype=torch.int64))
                 bar.update(len(ys[-1]))
                 if k + 1 == len(batches) or batches[k + 1][0] != i:  # last batch of shard i
-                    save_torch(paths[i], {"x": torch.cat(xs), "y": torch.cat(ys), "source": source})
+                    dtype = torch.float16 if all(t.dtype == torch.float16 for t in xs) else torch.float32
+                    x = torch.cat([t.to(dtype) for t in xs])
+                    save_torch(paths[i], {"x": x, "y": torch.cat(ys), "source": source})
                     xs, ys = [], []
     if ctx.world > 1:
         if dist.is_available() and dist.is_initialized():
@@ -137,33 +148,18 @@ def training_items(ctx: BuildContext, classes: Sequence[int] | None = None) -> I
     return Items(Subset(ds, idx), idx, [targets[i] for i in idx])
 
 
-def grid_backbone(ctx: BuildContext, name: str, **backbone_kw: Any) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+def grid_backbone(ctx: BuildContext, name: str,
+                  **backbone_kw: Any) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """A frozen backbone from `dmvae_study.backbones` whose feature map is aligned to the tokenizer
     grid `latent_grid(cfg)`: the network input is resized to `grid * stride` pixels (ViTs use patch
     `tokenizer.backbone_patch or 14`, as the paper's DINOv2-L/16 at 256 px -> 16x16; `backbone_kw`
     go to `build_backbone`, e.g. `layer="layer4"`). Returns the
     backbone and `encode(img (B, C, H, W) in [-1, 1]) -> (B, D, h, w)` on `ctx.device`."""
-    from dmvae_study.backbones import build_backbone
+    from dmvae_study.backbones import build_grid_backbone
     cfg = ctx.cfg
-    h, w = latent_grid(cfg)
-    kw: dict[str, Any] = {}
-    if name.startswith("dinov2"):
-        patch = cfg.tokenizer.backbone_patch or 14
-        kw = {"patch_size": patch, "img_size": h * patch, "input_size": h * patch}
-    with torch.random.fork_rng(devices=[]):  # a random-init backbone is the same net on every rank and rerun
-        torch.manual_seed(ctx.seed("backbone", name))
-        net = build_backbone(name, weights_dir=cfg.run.weights_dir, allow_random_weights=cfg.run.allow_random_weights,
-                             **kw, **backbone_kw)
-    net.input_size = h * net.stride  # type: ignore[assignment]  # conv nets: stride 32 -> grid * 32 px
-    net = net.to(ctx.device).eval()
-
-    def encode(img: torch.Tensor) -> torch.Tensor:
-        img = img.to(ctx.device, non_blocking=True)
-        if img.shape[1] == 1:
-            img = img.expand(-1, 3, -1, -1)  # grey data (data.channels=1) -> RGB backbones
-        f = net(img)
-        return f if tuple(f.shape[-2:]) == (h, w) else F.adaptive_avg_pool2d(f, (h, w))
-    return net, encode
+    return build_grid_backbone(name, latent_grid(cfg), vit_patch=cfg.tokenizer.backbone_patch,
+                               weights_dir=cfg.run.weights_dir, allow_random_weights=cfg.run.allow_random_weights,
+                               seed=ctx.seed("backbone", name), device=ctx.device, **backbone_kw)
 
 
 def reference_from_shards(ctx: BuildContext, shards: FeatureShards, num_classes: int,
@@ -179,8 +175,9 @@ def backbone_prior(ctx: BuildContext, backbone: str, items: Items, backbone_kw: 
                    **provenance: Any) -> ReferenceSet:
     """Spatial features of `items` from `backbone`, on the latent grid, reduced and standardised."""
     net, encode = grid_backbone(ctx, backbone, **(backbone_kw or {}))
+    h, w = latent_grid(ctx.cfg)
     shards = extract(ctx, items.dataset, encode, source=f"{backbone}:{net.weights_source}",
-                     desc=f"{ctx.cfg.prior.name} ({backbone})")
+                     item_bytes=2 * int(net.out_channels) * h * w, desc=f"{ctx.cfg.prior.name} ({backbone})")
     prov = {"backbone": backbone, "weights_source": net.weights_source, "feature_dim": int(net.out_channels),
             "backbone_input_px": int(net.input_size), "images": len(items), **(backbone_kw or {}), **provenance}
     return reference_from_shards(ctx, shards, ctx.cfg.data.num_classes, prov)

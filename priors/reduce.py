@@ -58,7 +58,7 @@ def _pca_basis(tokens: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     v = evecs[:, :r]
-    v = v * torch.sign(v[v.abs().argmax(0), torch.arange(r)])  # deterministic signs
+    v = v * torch.sign(v[v.abs().argmax(0), torch.arange(r, device=v.device)])  # deterministic signs
     return mu, v, evals
 
 
@@ -121,8 +121,8 @@ class BottleneckReducer(nn.Module):
         xs = xs / self.sigma
         hidden = min(max(2 * d, 8 * self.r, 64), 512)
         g = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG state untouched
+            torch.default_generator.manual_seed(self.seed)
             self.enc, self.dec = _Branch(v.float(), hidden).to(dev), _Branch(v.T.float(), hidden).to(dev)
         opt = torch.optim.AdamW(list(self.enc.parameters()) + list(self.dec.parameters()), lr=BOTTLENECK_LR,
                                 weight_decay=0.0)
@@ -168,9 +168,9 @@ def reduce_chunks(chunks: Callable[[], Iterable[torch.Tensor]], cfg: PriorConfig
                   progress: bool = False) -> tuple[torch.Tensor, dict]:
     """Reduce features given as re-iterable chunks `(n_i, D, h, w)` to codes `(N, r, h, w)`.
 
-    `counts` (items per chunk) saves a read of the chunks when known. Two passes over the chunks
-    (they may be shards on disk): sample the fit tokens and accumulate
+    Two passes over the chunks (they may be shards on disk): sample the fit tokens and accumulate
     exact per-channel moments, then encode every token and measure the reconstruction error.
+    `counts` (items per chunk) saves a third read when known.
     Report: reducer, in/out dims, `recon_mse` (mean squared error per feature value, raw units),
     `reducer_rel_error` (= SSE / total sum of squares about the channel means = 1 - explained)."""
     pcfg = cfg.prior if isinstance(cfg, ExperimentConfig) else cfg

@@ -56,7 +56,8 @@ def read_captions(path: str | Path, ids: Sequence[int]) -> list[str]:
                     rec = json.loads(line)
                     table[int(rec["id"])] = str(rec["caption"])
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with 'id' and 'caption' ({e})") from None
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object with 'id' and 'caption' "
+                                     f"({e})") from None
     missing = [i for i in ids if i not in table]
     if missing:
         raise MissingCaptionsError(
@@ -89,12 +90,13 @@ def build(ctx: BuildContext) -> ReferenceSet:
         digest = hashlib.sha256(Path(cfg.prior.captions).read_bytes()).hexdigest()[:12]
     else:
         names = class_names(items.dataset, cfg.data.num_classes)
-        choice = torch.randint(len(TEMPLATES), (max(items.indices, default=0) + 1,), generator=ctx.generator("templates"))
+        n_all = max(items.indices, default=0) + 1  # template of image i depends on (seed, i) only
+        choice = torch.randint(len(TEMPLATES), (n_all,), generator=ctx.generator("templates"))
         texts = [TEMPLATES[int(choice[i])].format(names[y]) for i, y in zip(items.indices, items.labels)]
         src, digest = f"class-name templates ({len(TEMPLATES)})", "templates"
     enc = build_text_encoder(cfg.prior.text_encoder, weights_dir=cfg.run.weights_dir, device=ctx.device)
     shards = extract(ctx, _Texts(texts, items.labels), lambda batch: enc.encode(list(batch))[:, :, None, None],
-                     source=f"{cfg.prior.text_encoder}:{enc.weights_source}:{digest}",
+                     source=f"{cfg.prior.text_encoder}:{enc.weights_source}:{digest}", item_bytes=2 * int(enc.dim),
                      desc=f"siglip_text ({cfg.prior.text_encoder})")
     return reference_from_shards(ctx, shards, cfg.data.num_classes, {
         "text_encoder": cfg.prior.text_encoder, "weights_source": enc.weights_source, "feature_dim": int(enc.dim),

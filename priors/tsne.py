@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("target", help="reference-set folder, a .pt file of {x, y}, or a prior name")
     ap.add_argument("--out", required=True, help="PNG path")
     ap.add_argument("--preset", default="smoke", help="config preset when target is a prior name")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, e.g. prior.num_samples=2000")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="dotted override when target is a prior name, e.g. prior.num_samples=2000")
     ap.add_argument("--n-per-class", type=int, default=100)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ prior gets a stand-in for the study's beta-VAE encoder: a fixed random strided c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -132,7 +133,8 @@ def test_captions_file(tmp_path):
     with pytest.raises(priors.siglip_text.MissingCaptionsError, match=r"20 of the 40 .*first ids: 1, 3, 5"):
         build(cfg0.replace(prior=cfg0.prior.replace(captions=str(partial))), tmp_path / "a")
     full = tmp_path / "full.jsonl"
-    full.write_text("".join(json.dumps({"id": i, "caption": f"a photo of garment number {i}"}) + "\n" for i in range(40)))
+    full.write_text("".join(json.dumps({"id": i, "caption": f"a photo of garment number {i}"}) + "\n"
+                            for i in range(40)))
     ref = build(cfg0.replace(prior=cfg0.prior.replace(captions=str(full))), tmp_path / "b")
     assert len(ref) == 40 and ref.provenance["captions"].startswith("captions ")
     assert ref.provenance["example_caption"] == "a photo of garment number 0"
@@ -152,7 +154,8 @@ def test_gmm_matches_its_definition(tmp_path):
     means = saved["means"].double().flatten(1)
     assert means.shape == (k, d) and float(saved["std"]) == s
     # construction: |m_k| = sqrt((1 - s^2) d) along random directions (nearly orthogonal in d = 64)
-    assert torch.allclose(means.norm(dim=1), torch.full((k,), math.sqrt((1 - s**2) * d), dtype=torch.float64), rtol=1e-5)
+    norm = math.sqrt((1 - s**2) * d)
+    assert torch.allclose(means.norm(dim=1), torch.full((k,), norm, dtype=torch.float64), rtol=1e-5)
     # equal weights: each count ~ Binomial(n, 1/k), within 5 sigma
     counts = torch.bincount(y, minlength=k).double()
     assert (counts - n / k).abs().max() < 5 * math.sqrt(n * 0.1 * 0.9), counts
@@ -186,7 +189,7 @@ def test_finished_set_is_reused_not_rebuilt(tmp_path, monkeypatch):
 
     def boom(ctx):
         raise AssertionError("rebuilt")
-    monkeypatch.setitem(priors.registry._REGISTRY, "gmm", spec.__class__(spec.name, spec.kind, boom, spec.order, spec.doc))
+    monkeypatch.setitem(priors.registry._REGISTRY, "gmm", dataclasses.replace(spec, build=boom))
     again = build(cfg, tmp_path)
     assert torch.allclose(again.x, first.x, atol=2e-2, rtol=1e-2)
 
@@ -239,6 +242,23 @@ def test_two_ranks_split_shards_and_agree(tmp_path, monkeypatch):
     assert not t.is_alive()
     fresh = build(cfg, tmp_path / "single")
     assert torch.equal(r0.x, fresh.x) and torch.allclose(out["r1"].x, fresh.x, atol=2e-2, rtol=1e-2)
+
+
+def _ddp_build(root: str) -> None:
+    import torch.distributed as dist
+    cfg = smoke("resnet34", **{"prior.num_samples": 32, "prior.shard_size": 16})
+    ref = build(cfg, f"{root}/ddp", rank=dist.get_rank(), world=dist.get_world_size())
+    torch.save(ref.x, f"{root}/x{dist.get_rank()}.pt")
+
+
+@pytest.mark.slow
+def test_torch_distributed_build_matches_single_process(tmp_path):
+    """Two gloo processes (as Ray Train sets up): barriers instead of polling, same set on both ranks."""
+    from tests.ddp_util import run_distributed
+    run_distributed(_ddp_build, 2, str(tmp_path))
+    fresh = build(smoke("resnet34", **{"prior.num_samples": 32, "prior.shard_size": 16}), tmp_path / "single")
+    assert torch.equal(torch.load(tmp_path / "x0.pt"), fresh.x)
+    assert torch.allclose(torch.load(tmp_path / "x1.pt"), fresh.x, atol=2e-2, rtol=1e-2)  # rank 1 reloads float16
 
 
 def test_missing_weights_name_the_file_and_the_fetch_command(tmp_path):

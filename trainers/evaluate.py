@@ -111,9 +111,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
             gen_z.append(z.flatten(1).cpu())
             if start == 0:
                 save_grid(img[: ev.grid_images].cpu(), art.file("samples.png"))
-        train = build_dataset(cfg.data, "train", hflip=False)
-        ref_f = torch.cat([ext.features(img.to(dev)).cpu()
-                           for img, _ in _batches(train, max(ev.gfid_samples, 1000), ev.batch_size)])
+        ref_f = reference_features(cfg, ext)
         gen_f, gen_y = torch.cat(gen_f), torch.cat(gen_y)
         summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen_f)
         summary["gfid_samples"] = int(gen_f.shape[0])
@@ -128,12 +126,28 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     return art.summary()
 
 
+def reference_features(cfg: ExperimentConfig, ext: Features) -> torch.Tensor:
+    """Features of `gfid_samples` training images (gFID's reference side), cached once per dataset
+    and extractor: every row of a study shares them."""
+    from dmvae_study.store import save_torch
+    from trainers.common import store_of
+    n = cfg.eval.gfid_samples
+    art = store_of(cfg).artifact("fid_ref", {"data": cfg.data.to_dict(), "extractor": ext.name, "n": n})
+    if art.done:
+        return load_torch(art.file("features.pt"))
+    train = build_dataset(cfg.data, "train", hflip=False)
+    feats = torch.cat([ext.features(img).cpu() for img, _ in _batches(train, n, cfg.eval.batch_size)])
+    save_torch(art.file("features.pt"), feats)
+    art.mark_done({"count": int(feats.shape[0]), "extractor": ext.name})
+    return feats
+
+
 def tok_random(cfg: ExperimentConfig) -> bool:
-    """Whether the row's encoder backbone or prior ran on random-init weights (flagged in tables)."""
+    """Whether any network behind this row ran on random-init weights (flagged in every table):
+    the tokenizer's backbone or VA-VAE features, or the prior's feature backbone."""
+    sources = [str(v) for k, v in artifacts.tokenizer(cfg).summary().items() if k.endswith("_weights")]
     meta = artifacts.reference(cfg).file("meta.json")
-    if meta.exists():
+    if cfg.prior.name not in artifacts.BASELINE_ROWS and meta.exists():
         import json
-        prov = json.loads(meta.read_text()).get("provenance", {})
-        if "random-init" in str(prov.get("weights_source", "")):
-            return True
-    return cfg.tokenizer.backbone != "small_conv" and cfg.run.allow_random_weights
+        sources.append(str(json.loads(meta.read_text()).get("provenance", {}).get("weights_source", "")))
+    return any("random-init" in s for s in sources)

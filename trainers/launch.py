@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from dmvae_study.config import ExperimentConfig
@@ -45,7 +46,9 @@ def pipeline_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
         if name == "reference" and cfg.prior.name == "ldm_noise" and cfg.prior.ldm_source == "baseline_vae":
             vae_cfg = cfg.replace(prior=cfg.prior.replace(name="vae"))
             fns["tokenizer"]({**_as_dict(vae_cfg), **extras})  # the LDM whose noisy latents form the prior
-        results[name] = fns[name]({**_as_dict(cfg), **extras})
+        t0 = time.time()
+        results[name] = dict(fns[name]({**_as_dict(cfg), **extras}) or {})
+        results[name].setdefault("wall_s", round(time.time() - t0, 2))  # a reused stage keeps its own
     flat = {f"{s}/{k}": v for s, r in results.items() for k, v in (r or {}).items()
             if isinstance(v, (int, float, str)) or v is None}
     if extras.get("ray"):

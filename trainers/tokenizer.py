@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmvae_study.build import build_tokenizer, latent_shape
@@ -51,16 +50,13 @@ def build_discriminator(cfg: ExperimentConfig) -> NLayerDiscriminator:
 
 
 def alignment_features(cfg: ExperimentConfig, device: torch.device):
-    """VA-VAE's frozen foundation features, pooled to the latent grid: `img -> (B, D, h, w)`."""
-    from dmvae_study.backbones import build_backbone
-    bb = build_backbone(cfg.tokenizer.vavae_backbone, weights_dir=cfg.run.weights_dir,
-                        allow_random_weights=cfg.run.allow_random_weights).to(device).eval()
+    """VA-VAE's frozen foundation features on the latent grid: `img -> (B, D, h, w)`."""
+    from dmvae_study.backbones import build_grid_backbone
     _, h, w = latent_shape(cfg)
-
-    @torch.no_grad()
-    def fn(img: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(bb(img).float(), (h, w))
-    return bb, fn
+    bb, encode = build_grid_backbone(cfg.tokenizer.vavae_backbone, (h, w), vit_patch=cfg.tokenizer.backbone_patch,
+                                     weights_dir=cfg.run.weights_dir, seed=cfg.run.seed, device=device,
+                                     allow_random_weights=cfg.run.allow_random_weights)
+    return bb, torch.no_grad()(lambda img: encode(img).float())
 
 
 def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
@@ -75,10 +71,13 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     t, run = cfg.tokenizer, cfg.run
     ds = build_dataset(cfg.data, "train")
     tok = build_tokenizer(cfg, kind)
-    align, feats_fn, vf = None, None, None
+    align, feats_fn, vf, sources = None, None, None, {}
+    if hasattr(tok.encoder.backbone, "weights_source"):
+        sources["backbone_weights"] = tok.encoder.backbone.weights_source
     if kind == "vavae":
         from dmvae_study.objectives.vavae import AlignmentProjection, VAVAEAlignmentLoss
         bb, feats_fn = alignment_features(cfg, ctx.device)
+        sources["vavae_weights"] = bb.weights_source
         align = AlignmentProjection(t.latent_channels, bb.out_channels)
         vf = VAVAEAlignmentLoss(vf_weight=t.vavae_weight)
     model = TokenizerWithAlignment(tok, align)
@@ -127,7 +126,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
             ctx.flush(step + 1, art, gb)
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == t.total_steps:
             save(ctx, art, step + 1, state)
-    summary = finish_tokenizer(ctx, art, cfg, kind, ema.shadow, disc, ds)
+    summary = finish_tokenizer(ctx, art, cfg, kind, ema.shadow, disc, ds, sources)
     return summary
 
 
