@@ -85,12 +85,14 @@ def row_trial(config: dict[str, Any]) -> None:
     """Tune trial driver: one row of a study (a prior, or a point of an ablation grid)."""
     from ray import tune
 
-    from trainers.launch import run_pipeline
     from dmvae_study.configlib import apply_overrides
+    from trainers.launch import run_pipeline, write_manifest
     cfg = apply_overrides(ExperimentConfig.from_dict(config["experiment"]), config["row_overrides"][config["row"]])
     t0 = time.time()
     results = run_pipeline(cfg, name=f"{cfg.run.name}-{config['row']}")
-    tune.report(flatten_row(cfg, config["row"], results, time.time() - t0))
+    wall = time.time() - t0
+    write_manifest(cfg, config["row"], results, wall)
+    tune.report(flatten_row(cfg, config["row"], results, wall))
 
 
 def flatten_row(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s: float) -> dict[str, Any]:

@@ -95,35 +95,46 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
         shape = tuple(lat["z"].shape[1:])
         net = build_dit(cfg.generator, shape, cfg.data.num_classes).to(dev).eval()
         net.load_state_dict(load_torch(artifacts.generator(cfg).file("generator.pt")))
-        sampler = Sampler(kind=ev.sampler, steps=ev.sampler_steps, cfg_scale=ev.cfg_scale)
-        g = torch.Generator().manual_seed(cfg.run.seed + 4242)
-        gen_f, gen_probs, gen_y, gen_z = [], [], [], []
-        for start in range(0, ev.gfid_samples, ev.batch_size):
-            b = min(ev.batch_size, ev.gfid_samples - start)
-            y = torch.randint(0, cfg.data.num_classes, (b,), generator=g)
-            noise = torch.randn((b, *shape), generator=g)
-            with ctx.autocast():
-                z = sampler(net, noise.to(dev), y.to(dev), generator=g).float()
-                img = tok.decode(tok.denormalize(z)).float().clamp(-1, 1)
-            gen_f.append(ext.features(img).cpu())
-            gen_probs.append(ext.probs(img).cpu())
-            gen_y.append(y)
-            gen_z.append(z.flatten(1).cpu())
-            if start == 0:
-                save_grid(img[: ev.grid_images].cpu(), art.file("samples.png"))
+        gen = generate(cfg, ctx, net, tok, ext, ev.gfid_samples, shape)
+        save_grid(gen["images"], art.file("samples.png"))
         ref_f = reference_features(cfg, ext)
-        gen_f, gen_y = torch.cat(gen_f), torch.cat(gen_y)
+        gen_f, gen_y = gen["features"], gen["labels"]
         summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen_f)
         summary["gfid_samples"] = int(gen_f.shape[0])
-        summary[f"is_{tag}"] = metrics.inception_score(probs=torch.cat(gen_probs))[0]
+        summary[f"is_{tag}"] = metrics.inception_score(probs=gen["probs"])[0]
         summary[f"diversity_{tag}"] = metrics.diversity(gen_f, gen_y)
-        summary["latent_diversity"] = metrics.diversity(torch.cat(gen_z), gen_y)
+        summary["latent_diversity"] = metrics.diversity(gen["latents"], gen_y)
         summary["extractor"] = tag
         summary["extractor_weights"] = ext.weights_source
         summary["random_init"] = bool(ext.weights_source == "random-init" or tok_random(cfg))
         art.mark_done(summary)
     ctx.barrier()
     return art.summary()
+
+
+@torch.no_grad()
+def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok: torch.nn.Module, ext: Features,
+             n: int, shape: tuple[int, ...], seed_offset: int = 4242) -> dict[str, torch.Tensor]:
+    """`n` class-conditional samples (uniform labels) with the configured sampler, decoded; returns
+    their features, class probabilities, labels, flattened latents and the first grid of images."""
+    ev, dev = cfg.eval, ctx.device
+    sampler = Sampler(kind=ev.sampler, steps=ev.sampler_steps, cfg_scale=ev.cfg_scale)
+    g = torch.Generator().manual_seed(cfg.run.seed + seed_offset)
+    out: dict[str, list] = {"features": [], "probs": [], "labels": [], "latents": []}
+    grid = None
+    for start in range(0, n, ev.batch_size):
+        b = min(ev.batch_size, n - start)
+        y = torch.randint(0, cfg.data.num_classes, (b,), generator=g)
+        noise = torch.randn((b, *shape), generator=g)
+        with ctx.autocast():
+            z = sampler(net, noise.to(dev), y.to(dev), generator=g).float()
+            img = tok.decode(tok.denormalize(z)).float().clamp(-1, 1)
+        out["features"].append(ext.features(img).cpu())
+        out["probs"].append(ext.probs(img).cpu())
+        out["labels"].append(y)
+        out["latents"].append(z.flatten(1).cpu())
+        grid = img[: ev.grid_images].cpu() if grid is None else grid
+    return {**{k: torch.cat(v) for k, v in out.items()}, "images": grid}
 
 
 def reference_features(cfg: ExperimentConfig, ext: Features) -> torch.Tensor:

@@ -21,7 +21,7 @@ def fit_flow_model(
     y_all: torch.Tensor | None,
     num_classes: int,
     dcfg: TeacherConfig | GeneratorConfig,
-    on_log: Callable[[int, dict], dict] | None = None,
+    on_log: Callable[[int, dict, torch.nn.Module], dict] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a DiT by flow matching (Eq. 5) on `x_all` `(N, C, H, W)` with labels `y_all` `(N,)`.
 
@@ -57,9 +57,8 @@ def fit_flow_model(
             ema.update(net)
             ctx.log(step, {"loss/fm": loss, "grad_norm": gn})
         if (step + 1) % run.log_every == 0 or step + 1 == dcfg.total_steps:
-            last = ctx.flush(step + 1, art, gb)
-            if on_log is not None:
-                last.update(on_log(step + 1, last) or {})
+            extra = on_log(step + 1, {}, ema.shadow) if on_log is not None else None
+            last = ctx.flush(step + 1, art, gb, extra=extra)
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == dcfg.total_steps:
             save(ctx, art, step + 1, {"net": net, "ema": ema, "opt": opt})
     return ema.shadow, last

@@ -48,6 +48,29 @@ def cache_latents(cfg: ExperimentConfig, ctx: StageContext) -> tuple[torch.Tenso
     return d["z"].float(), d["y"]
 
 
+def gfid_curve(cfg: ExperimentConfig, ctx: StageContext, shape: tuple[int, ...]):
+    """Callback for Fig. 8: every `generator.eval_every` steps, gFID of the current EMA net on
+    min(gfid_samples, 1000) samples (logged as `eval/gfid_curve`; main rank only)."""
+    every = cfg.generator.eval_every
+    if every <= 0:
+        return None
+    from trainers import evaluate
+    state: dict = {}
+
+    def on_log(step: int, metrics: dict, ema: torch.nn.Module) -> dict:
+        if step % every or not ctx.is_main:
+            return {}
+        if not state:
+            state["tok"] = load_tokenizer(artifacts.final_tokenizer(cfg), ctx.device)
+            state["ext"] = evaluate.Features(cfg.eval.extractor, cfg, ctx.device)
+            state["ref"] = evaluate.reference_features(cfg, state["ext"])
+        n = min(cfg.eval.gfid_samples, 1000)
+        gen = evaluate.generate(cfg, ctx, ema.eval(), state["tok"], state["ext"], n, shape, seed_offset=step)
+        from dmvae_study.metrics import fid_from_features
+        return {"eval/gfid_curve": fid_from_features(state["ref"], gen["features"]), "eval/gfid_curve_n": n}
+    return on_log
+
+
 def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     cfg, extras = as_experiment(config)
     art = artifacts.generator(cfg)
@@ -57,7 +80,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     if ctx.is_main:
         art.write_config(cfg.to_dict())
     z, y = cache_latents(cfg, ctx)
-    ema, last = fit_flow_model(ctx, art, z, y, cfg.data.num_classes, cfg.generator)
+    ema, last = fit_flow_model(ctx, art, z, y, cfg.data.num_classes, cfg.generator,
+                               on_log=gfid_curve(cfg, ctx, tuple(z.shape[1:])))
     summary = {"loss/fm": last.get("loss/fm"), "latent_shape": list(z.shape[1:]), "cached_latents": int(z.shape[0])}
     if ctx.is_main:
         save_torch(art.file("generator.pt"), ema.state_dict())

@@ -8,12 +8,15 @@ per stage. Every stage resumes from its own checkpoints in the artifact store, s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from dmvae_study.config import ExperimentConfig
+from dmvae_study.store import atomic_write_text
 from trainers import artifacts
 from trainers.common import as_experiment
 
@@ -89,9 +92,22 @@ def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force_r
     return collect(cfg, stages)
 
 
+ARTIFACT_OF = {"tokenizer": artifacts.tokenizer, "reference": artifacts.reference, "teacher": artifacts.teacher,
+               "dmd": artifacts.dmd, "refine": artifacts.refine, "generator": artifacts.generator,
+               "latents": artifacts.latents, "eval": artifacts.evaluation}
+
+
 def collect(cfg: ExperimentConfig, stages: list[str] | None = None) -> dict[str, Any]:
     """Per-stage summaries of a row, read from the DONE markers in the artifact store."""
-    where = {"tokenizer": artifacts.tokenizer, "reference": artifacts.reference, "teacher": artifacts.teacher,
-             "dmd": artifacts.dmd, "refine": artifacts.refine, "generator": artifacts.generator,
-             "eval": artifacts.evaluation}
-    return {s: where[s](cfg).summary() for s in (stages or stages_for(cfg))}
+    return {s: ARTIFACT_OF[s](cfg).summary() for s in (stages or stages_for(cfg))}
+
+
+def write_manifest(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s: float) -> Path:
+    """`<out>/<study>/rows/<row>.json`: the row's resolved config, stage summaries and artifact folders
+    (relative to the study folder), everything a report needs without re-running anything."""
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    stages = [s for s in (*stages_for(cfg), "latents") if s in ARTIFACT_OF]
+    paths = {s: os.path.relpath(ARTIFACT_OF[s](cfg).path, root) for s in stages}
+    blob = {"row": row, "prior": cfg.prior.name, "wall_s": wall_s, "config": cfg.to_dict(),
+            "summaries": results, "artifacts": paths}
+    return atomic_write_text(root / "rows" / f"{row}.json", json.dumps(blob, indent=1, default=str))
