@@ -9,6 +9,8 @@ crash never leaves a half-written file under a final name, and a corrupt file is
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -160,6 +162,18 @@ class ArtifactDir:
                 warnings.warn(f"checkpoint {path} is unreadable ({e}); using the previous good one",
                               stacklevel=2)
         return None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive advisory lock on this artifact across processes (concurrent Tune trials that need
+        the same shared artifact: the second waits, then finds it DONE)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{self.path.name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from studies.common import init_ray
     from trainers.launch import run_pipeline
     init_ray(args.address)
-    run_pipeline(cfg.replace(prior=cfg.prior.replace(name=args.prior)), stages=["tokenizer"])  # shared
+    # Shared by every row that does not change them: tokenizer pretrain, reference set, default teacher.
+    run_pipeline(cfg.replace(prior=cfg.prior.replace(name=args.prior)), stages=["tokenizer", "reference", "teacher"])
     df = run_tune(cfg, rows, args.address)
     if len(df):
         df = df.set_index("row").loc[[r for r in rows if r in set(df["row"])]].reset_index()

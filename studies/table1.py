@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from studies.common import init_ray
     from trainers.launch import run_pipeline
     init_ray(args.address)
-    if any(r not in ("vae", "vavae") for r in rows):  # shared: the AE every DMVAE row starts from
+    # Shared work, once, before the trials: the AE every DMVAE row starts from, and the beta-VAE
+    # that is both the vae row and the LDM of the ldm_noise prior.
+    if any(r not in ("vae", "vavae") for r in rows):
         run_pipeline(cfg.replace(prior=cfg.prior.replace(name="gaussian")), stages=["tokenizer"])
+    if "ldm_noise" in rows:
+        run_pipeline(cfg.replace(prior=cfg.prior.replace(name="vae")), stages=["tokenizer"])
     df = run_tune(cfg, {r: row_overrides(r) for r in rows}, args.address)
     df = df.set_index("row").loc[[r for r in rows if r in set(df["row"])]].reset_index() if len(df) else df
     root = Path(cfg.run.out_dir) / cfg.run.name

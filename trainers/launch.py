@@ -8,6 +8,7 @@ per stage. Every stage resumes from its own checkpoints in the artifact store, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,10 +48,12 @@ def pipeline_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in stages:
         if name == "reference" and cfg.prior.name == "ldm_noise" and cfg.prior.ldm_source == "baseline_vae":
-            vae_cfg = cfg.replace(prior=cfg.prior.replace(name="vae"))
-            fns["tokenizer"]({**_as_dict(vae_cfg), **extras})  # the LDM whose noisy latents form the prior
+            vae_cfg = cfg.replace(prior=cfg.prior.replace(name="vae"))  # the LDM whose noisy latents form the prior
+            with _exclusive(artifacts.tokenizer(vae_cfg)):
+                fns["tokenizer"]({**_as_dict(vae_cfg), **extras})
         t0 = time.time()
-        results[name] = dict(fns[name]({**_as_dict(cfg), **extras}) or {})
+        with _exclusive(ARTIFACT_OF[name](cfg)):
+            results[name] = dict(fns[name]({**_as_dict(cfg), **extras}) or {})
         results[name].setdefault("wall_s", round(time.time() - t0, 2))  # a reused stage keeps its own
     flat = {f"{s}/{k}": v for s, r in results.items() for k, v in (r or {}).items()
             if isinstance(v, (int, float, str)) or v is None}
@@ -58,6 +61,21 @@ def pipeline_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
         import ray.train
         ray.train.report({k: v for k, v in flat.items() if isinstance(v, (int, float))})
     return results
+
+
+@contextlib.contextmanager
+def _exclusive(art):
+    """Rank 0 of this worker group holds the artifact's lock while the group runs the stage; the other
+    ranks wait at a barrier until it has it, so two trials never build one artifact at once."""
+    import torch.distributed as dist
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if multi else 0
+    with art.lock() if rank == 0 else contextlib.nullcontext():
+        if multi:
+            dist.barrier()
+        yield
+        if multi:
+            dist.barrier()
 
 
 def _as_dict(cfg: ExperimentConfig) -> dict[str, Any]:
