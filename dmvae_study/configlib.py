@@ -175,7 +175,8 @@ def set_dotted(d: dict[str, Any], keys: list[str], value: Any) -> None:
     node = d
     for i, k in enumerate(keys[:-1]):
         if k not in node or not isinstance(node[k], dict):
-            raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])}")
+            raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])}; valid keys here: "
+                              f"{', '.join(sorted(n for n, v in node.items() if isinstance(v, dict)) or sorted(node))}")
         node = node[k]
     if keys[-1] not in node:
         raise ConfigError(f"unknown config key {'.'.join(keys)}; valid keys here: {', '.join(sorted(node))}")

@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import pandas as pd
 
 from dmvae_study.config import PRESETS, ExperimentConfig, preset
+from dmvae_study.configlib import ConfigError
 from dmvae_study.store import atomic_write_text, preflight_writable
 
 TABLE_COLUMNS = {  # result key -> table column (paper Table 1 names first)
@@ -41,11 +42,16 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def study_config(args: argparse.Namespace, name: str) -> ExperimentConfig:
-    cfg = preset(args.preset, list(args.overrides) + [f"run.out_dir={args.out}", f"run.name={name}"])
-    root = Path(args.out) / name
-    if args.restart and root.exists():
-        shutil.rmtree(root)
-    preflight_writable(root)
+    """The study's resolved config; a bad `--set` or an unusable `--out` ends the CLI with a one-line
+    error (exit code 1, no traceback) before Ray starts or anything trains."""
+    try:
+        cfg = preset(args.preset, list(args.overrides) + [f"run.out_dir={args.out}", f"run.name={name}"])
+        root = Path(args.out) / name
+        if args.restart and root.exists():
+            shutil.rmtree(root)
+        preflight_writable(root)
+    except (ConfigError, OSError) as e:  # PermissionError (read-only) and full disk are OSErrors
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
     return cfg
 
 

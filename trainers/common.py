@@ -80,6 +80,7 @@ class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     nonfinite_total: int = 0
     nonfinite_run: int = 0
+    resumed_from: int = 0  # checkpoint step this attempt resumed from (0: fresh); shows restarts in metrics
     _t0: float = field(default_factory=time.time)
     _log_buffer: dict[str, list[float]] = field(default_factory=dict)
 
@@ -164,7 +165,8 @@ class StageContext:
             out[k] = float(t)
         self._log_buffer.clear()
         out.update({"step": step, "kimg": step * images_per_step / 1000.0,
-                    "time/wall_s": time.time() - self._t0, "nonfinite/total": self.nonfinite_total})
+                    "time/wall_s": time.time() - self._t0, "nonfinite/total": self.nonfinite_total,
+                    "resumed_from": self.resumed_from})
         out.update(extra or {})
         if self.is_main:
             with open(art.file("metrics.jsonl"), "a") as fh:
@@ -245,6 +247,7 @@ def resume(ctx: StageContext, art: ArtifactDir, modules: dict[str, Any]) -> int:
         return 0
     step, state = found
     restore_state(modules, state)
+    ctx.resumed_from = step
     if ctx.is_main:
         log.info("[%s] resumed from step %d (%s)", ctx.stage, step, art.path)
     return step

@@ -150,6 +150,11 @@ def finish_tokenizer(ctx: StageContext, art, cfg: ExperimentConfig, kind: str, t
                                               "state": {k: v.cpu() for k, v in tok.state_dict().items()}})
         save_torch(art.file("disc.pt"), unwrap(disc).state_dict())
         summary.update({"latent_mean": mean, "latent_scale": scale, "kind": kind})
+        base = ds
+        while isinstance(base, torch.utils.data.Subset):
+            base = base.dataset
+        if hasattr(base, "skipped"):  # unreadable images skipped (and warned about) by this process
+            summary["skipped_images"] = base.skipped
         art.mark_done(summary)
     ctx.barrier()
     return art.summary()

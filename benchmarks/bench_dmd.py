@@ -1,0 +1,223 @@
+"""One DMD joint step (stage 4, `trainers.dmd.train_loop`), averaged over a `vae_every`-step cycle.
+
+The loop body is replayed with the trainer's own pieces (DMVAE, projection head, PatchGAN,
+ReconstructionLoss, DistributionMatchingLoss, fake_score_loss, adamw, EMA, StageContext):
+
+- VAE turn (step % k == 0): encoder (trainable) + decoder, L1 (+ LPIPS) + GAN generator loss with the
+  adaptive weight, the DM loss (real and fake score nets, batched cond + null pass when CFG > 1),
+  backward, AdamW, EMA; then the discriminator step.
+- every step: the fake score net's flow-matching step (Eq. 8) on the current latents (re-encoded
+  under no_grad on the steps without a VAE turn).
+
+Images are random tensors on the device (loading is `bench_features`' job); the score nets start
+from random weights (same FLOPs as a teacher). With `--preset imagenet256` the encoder is a
+random-init DINOv2-L/16 at 256 px and LPIPS a random-trunk VGG (`pnet_rand`): the FLOPs of the real
+thing, none of its weights. The reported figure is the median cycle time / k, with the ratio to a
+DiT training step (`bench_dit`, trainer mode) of the same size, batch and latent shape measured in
+the same process. Target on one H100: <= 3x the DiT-L step.
+
+    python -m benchmarks.bench_dmd --preset smoke --size tiny --batch 8 --steps 2              # CPU
+    python -m benchmarks.bench_dmd --preset imagenet256 --size L --batch 64 --cfg-scale 5 --steps 3
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks import bench_dit
+from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
+                               precision_label, report, reset_peak_memory, setup, sync, time_calls)
+from dmvae_study.build import build_tokenizer, latent_shape
+from dmvae_study.config import preset
+from dmvae_study.models.heads import build_head
+from dmvae_study.models.lightningdit import build_lightningdit
+from dmvae_study.objectives.dm import DistributionMatchingLoss, fake_score_loss
+from dmvae_study.objectives.flow import sample_t
+from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
+
+
+def compile_forward(net: torch.nn.Module) -> None:
+    """Compile `net.forward` in place: `forward_cfg` calls `self.forward` directly (not `__call__`),
+    so `torch.compile(net)` / `net.compile()` would leave the DM-loss passes eager."""
+    net.forward = torch.compile(net.forward)  # type: ignore[method-assign]
+
+
+class DMDStep:
+    """Everything one DMD step touches, built as `trainers.dmd.train_loop` builds it (minus artifacts)."""
+
+    def __init__(self, preset_name: str, size: str, *, batch: int, device: torch.device, precision: str,
+                 cfg_scale: float, vae_every: int, lpips: bool | None, seed: int, overrides: Sequence[str] = (),
+                 dataset_size: int = bench_dit.IMAGENET_TRAIN):
+        from trainers.common import EMA, StageContext, adamw
+        from trainers.dmd import DMVAE
+        from trainers.tokenizer import build_discriminator
+        over = {"run.allow_random_weights": True, "run.precision": precision, "run.seed": seed,
+                "teacher.size": size, "dmd.batch_size": batch, "dmd.cfg_scale": cfg_scale,
+                "dmd.vae_every": vae_every, "run.num_workers": 1}
+        cfg = preset(preset_name, over)
+        if overrides:
+            from dmvae_study.configlib import apply_overrides
+            cfg = apply_overrides(cfg, list(overrides))
+        self.cfg, self.device, d, t = cfg, device, cfg.dmd, cfg.tokenizer
+        self.ctx = StageContext(cfg=cfg, stage="dmd", device=device)
+        self.latent = latent_shape(cfg)
+        c, h, w = self.latent
+        tok = build_tokenizer(cfg, "ae").to(device).train()
+        tok.encoder.set_backbone_frozen(False)  # the whole VAE trains in DMD (Sec. 3.1)
+        # the dinov2 prior reduced to C channels on the latent grid: same shape, identity head
+        head = build_head(self.latent, self.latent, d.head, hidden=d.head_hidden)
+        self.tok, self.vae = tok, DMVAE(tok, head).to(device)
+        self.disc = build_discriminator(cfg).to(device)
+        use_lpips = (t.lpips_weight > 0) if lpips is None else lpips
+        lp = build_lpips(t.lpips_net, pnet_rand=True).to(device) if use_lpips else None
+        self.rloss = ReconstructionLoss(lpips_weight=t.lpips_weight if use_lpips else 0.0, disc_weight=t.disc_weight,
+                                        disc_start=0 if d.gan else 10**12,
+                                        diffaug="color,translation,cutout" if t.diffaug else "", lpips_module=lp)
+        self.num_classes = cfg.data.num_classes
+        self.real = build_lightningdit(size, in_channels=c, input_size=(h, w), num_classes=self.num_classes,
+                                       class_dropout=cfg.teacher.class_dropout).to(device).eval().requires_grad_(False)
+        self.fake = copy.deepcopy(self.real).train().requires_grad_(True)
+        self.dm = DistributionMatchingLoss(dm_weight=d.dm_weight, cfg_scale=d.cfg_scale)
+        self.opt_vae = adamw(self.vae.parameters(), d.lr, device, betas=(0.9, 0.95))
+        self.opt_fake = adamw(self.fake.parameters(), d.fake_lr, device, betas=(0.9, 0.95))
+        self.opt_d = adamw(self.disc.parameters(), d.lr, device, betas=(0.9, 0.95))
+        self.ema = EMA(tok, t.ema_decay)
+        self.ema.shadow.to(device)
+        r = cfg.data.resolution
+        g = torch.Generator().manual_seed(seed)
+        self.img_pool = (torch.rand(2 * batch, 3, r, r, generator=g) * 2 - 1).to(device)
+        self.y_pool = torch.randint(0, self.num_classes, (2 * batch,), generator=g).to(device)
+        self.batch, self.vae_every, self.step_i, self.dataset_size = batch, vae_every, 0, dataset_size
+
+    def compile(self) -> None:
+        for net in (self.real, self.fake):
+            compile_forward(net)
+
+    def step(self) -> None:
+        """One iteration of the `trainers.dmd.train_loop` body."""
+        ctx, d, step, gb, shape = self.ctx, self.cfg.dmd, self.step_i, self.batch, self.latent
+        tok, vae, disc, rloss = self.tok, self.vae, self.disc, self.rloss
+        # image_batches' sampler permutes the whole dataset each step (StageContext.batch_indices)
+        idx = ctx.batch_indices(self.dataset_size, gb, step) % self.img_pool.shape[0]
+        img, y = self.img_pool[idx.to(self.device)], self.y_pool[idx.to(self.device)]
+        g = ctx.generator(step)
+        t = ctx.slice(sample_t(gb, t_min=d.t_min, t_max=d.t_max, generator=g))
+        eps = ctx.slice(torch.randn((gb, *shape), generator=g))
+        if step % d.vae_every == 0:
+            vae.train()
+            with ctx.autocast():
+                rec, z, x = vae(img)
+                loss_rec, _ = rloss.generator_loss(img, rec, step, disc, last_layer=tok.last_layer,
+                                                   generator=g if ctx.device.type == "cpu" else None)
+                loss_dm, _ = self.dm(x, self.real, self.fake, y, t=t, eps=eps)
+                loss = loss_rec + loss_dm
+            if ctx.finite_or_skip(loss):
+                self.opt_vae.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt_vae.step()
+                self.ema.update(tok)
+            if d.gan:
+                with ctx.autocast():
+                    d_loss, _ = rloss.discriminator_loss(disc, img, rec.detach())
+                if ctx.finite_or_skip(d_loss):
+                    self.opt_d.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    self.opt_d.step()
+            x_fake = x.detach()
+        else:
+            with torch.no_grad(), ctx.autocast():
+                x_fake = vae.to_reference(tok.encode(img)).float()
+        with ctx.autocast():
+            drop = ctx.slice(torch.rand(gb, generator=g) < self.cfg.teacher.class_dropout)
+            loss_f = fake_score_loss(lambda xt, tt, yy: self.fake(xt, tt, yy, force_drop=drop), x_fake.float(), y,
+                                     t=ctx.slice(sample_t(gb, generator=g)),
+                                     eps=ctx.slice(torch.randn((gb, *shape), generator=g)))
+        if ctx.finite_or_skip(loss_f):
+            self.opt_fake.zero_grad(set_to_none=True)
+            loss_f.backward()
+            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
+            self.opt_fake.step()
+        self.step_i += 1
+
+    def cycle(self) -> None:
+        for _ in range(self.vae_every):
+            self.step()
+
+
+def measure(preset_name: str, size: str, *, batch: int, device: torch.device, precision: str, cfg_scale: float,
+            vae_every: int, lpips: bool | None, compile: bool, seed: int, steps: int, warmup: int,
+            peak: float | None, count: bool = True, with_dit: bool = True,
+            overrides: Sequence[str] = ()) -> list[Result]:
+    reset_peak_memory(device)
+    bench = DMDStep(preset_name, size, batch=batch, device=device, precision=precision, cfg_scale=cfg_scale,
+                    vae_every=vae_every, lpips=lpips, seed=seed, overrides=overrides)
+    flops = count_flops(bench.cycle) if count else None  # one eager cycle, before any compile
+    if compile:
+        bench.compile()
+    for _ in range(warmup):
+        bench.cycle()
+    sync(device)
+    secs = time_calls(bench.step, device, warmup=0, repeats=steps * vae_every)
+    cycles = [sum(secs[i:i + vae_every]) for i in range(0, len(secs), vae_every)]
+    per_step = median(cycles) / vae_every
+    vae_turns = [s for i, s in enumerate(secs) if i % vae_every == 0]
+    fake_turns = [s for i, s in enumerate(secs) if i % vae_every != 0]
+    tags = [precision_label(device, precision), f"cfg{cfg_scale:g}", f"k{vae_every}"] + (["compile"] if compile else [])
+    c, h, w = bench.latent
+    extra: dict[str, Any] = {"vae_turn_ms": round(median(vae_turns) * 1e3, 2),
+                             "fake_turn_ms": round(median(fake_turns) * 1e3, 2) if fake_turns else None,
+                             "resolution": bench.cfg.data.resolution, "latent": f"{c}x{h}x{w}",
+                             "encoder": bench.cfg.tokenizer.backbone}
+    rows = [Result("dmd_step", f"{preset_name} {size} {' '.join(tags)}", device.type, batch, per_step, batch,
+                   None if flops is None else flops / vae_every, peak, peak_memory_mib(device), extra)]
+    del bench
+    if with_dit:
+        dit = bench_dit.measure(size, batch=batch, latent=(c, h, w), num_classes=cfg_classes(preset_name),
+                                patch=1, device=device, precision=precision, compile=compile, grad_ckpt=False,
+                                mode="trainer", dataset_size=bench_dit.IMAGENET_TRAIN, seed=seed, steps=steps,
+                                warmup=warmup, peak=peak)
+        rows.append(dit)
+        extra["ratio_to_dit_step"] = round(per_step / dit.step_s, 3)
+    return rows
+
+
+def cfg_classes(preset_name: str) -> int:
+    return preset(preset_name).data.num_classes
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="tokenizer / data preset: smoke (CPU default), fmnist, imagenet256 "
+                                                  "(CUDA default)")
+    p.add_argument("--size", default=None, help="score-net size (default: tiny on CPU, L on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 on CPU, 64 on CUDA)")
+    p.add_argument("--cfg-scale", type=float, default=5.0, help="CFG on both scores in the DM loss (1 = off)")
+    p.add_argument("--vae-every", type=int, default=5, help="k: a VAE turn every k steps (App. A.3)")
+    p.add_argument("--lpips", default=None, choices=["on", "off"], help="LPIPS term (default: as the preset)")
+    p.add_argument("--no-dit", action="store_true", help="skip the DiT-step reference row")
+    p.add_argument("--no-count", action="store_true", help="skip the FLOP-counting cycle")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more preset overrides")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps counts whole cycles and must be >= 1")
+    device = setup(args)
+    cuda = device.type == "cuda"
+    preset_name = args.preset or ("imagenet256" if cuda else "smoke")
+    size = args.size or ("L" if cuda else "tiny")
+    batch = args.batch or (64 if cuda else 8)
+    peak = matmul_peak(device, args.peak_n)
+    rows = measure(preset_name, size, batch=batch, device=device, precision=args.precision, cfg_scale=args.cfg_scale,
+                   vae_every=args.vae_every, lpips=None if args.lpips is None else args.lpips == "on",
+                   compile=args.compile, seed=args.seed, steps=args.steps, warmup=args.warmup, peak=peak,
+                   count=not args.no_count, with_dit=not args.no_dit, overrides=args.set)
+    return report(rows, device=device, peak_tflops=peak, json_path=args.json,
+                  argv=argv if argv is not None else sys.argv[1:],
+                  notes={"steps": "timed cycles of vae_every steps", "score_nets": "random init, same FLOPs"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Tokenizer pretraining step (stage 1, `trainers.tokenizer.train_loop`, kind "ae"): encoder (frozen
+backbone + trainable projector) + Flux-style decoder, L1 (+ LPIPS) + PatchGAN generator loss with the
+adaptive weight, AdamW, EMA, then the discriminator step (hinge + DiffAugment + bCR).
+
+`--channels-last` puts the conv networks (encoder, decoder, PatchGAN, LPIPS) and the images in
+`torch.channels_last` (cuDNN's native NHWC layout for bf16 convs on tensor cores). `--no-gan`
+measures the steps before `disc_start` (no discriminator). Images are random tensors on the
+device; `--preset imagenet256` uses a random-init DINOv2-L/16 at 256 px and a random-trunk LPIPS
+VGG (the FLOPs of the real run, not its weights).
+
+    python -m benchmarks.bench_tokenizer --preset smoke --batch 8 --steps 3                     # CPU
+    python -m benchmarks.bench_tokenizer --preset imagenet256 --batch 32 --channels-last --steps 10
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import torch
+
+from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
+                               precision_label, report, reset_peak_memory, setup, time_calls)
+from dmvae_study.build import build_tokenizer, latent_shape
+from dmvae_study.config import preset
+from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
+
+
+class TokenizerStep:
+    """The trainable tokenizer, PatchGAN, losses and optimisers of stage 1, and one step of its loop."""
+
+    def __init__(self, preset_name: str, *, batch: int, device: torch.device, precision: str, channels_last: bool,
+                 gan: bool, lpips: bool | None, seed: int):
+        from trainers.common import EMA, StageContext, adamw
+        from trainers.tokenizer import TokenizerWithAlignment, build_discriminator
+        cfg = preset(preset_name, {"run.allow_random_weights": True, "run.precision": precision, "run.seed": seed,
+                                   "tokenizer.batch_size": batch, "run.num_workers": 1})
+        t = cfg.tokenizer
+        self.cfg, self.device, self.batch, self.step_i = cfg, device, batch, 0
+        self.ctx = StageContext(cfg=cfg, stage="tokenizer", device=device)
+        self.tok = build_tokenizer(cfg, "ae").to(device).train()
+        self.model = TokenizerWithAlignment(self.tok, None)
+        self.disc = build_discriminator(cfg).to(device)
+        use_lpips = (t.lpips_weight > 0) if lpips is None else lpips
+        lp = build_lpips(t.lpips_net, pnet_rand=True).to(device) if use_lpips else None
+        self.rloss = ReconstructionLoss(lpips_weight=t.lpips_weight if use_lpips else 0.0, disc_weight=t.disc_weight,
+                                        disc_start=0 if gan else 10**12,
+                                        diffaug="color,translation,cutout" if t.diffaug else "", lpips_module=lp)
+        self.opt_g = adamw(self.model.parameters(), t.lr, device, betas=(0.9, 0.95))
+        self.opt_d = adamw(self.disc.parameters(), t.lr, device, betas=(0.9, 0.95))
+        self.ema = EMA(self.tok, t.ema_decay)
+        self.ema.shadow.to(device)
+        r = cfg.data.resolution
+        g = torch.Generator().manual_seed(seed)
+        self.img = (torch.rand(batch, 3, r, r, generator=g) * 2 - 1).to(device)
+        if channels_last:
+            fmt = torch.channels_last
+            for m in (self.tok, self.disc, lp):
+                if m is not None:
+                    m.to(memory_format=fmt)
+            self.img = self.img.contiguous(memory_format=fmt)
+        self.latent = latent_shape(cfg)
+
+    def step(self) -> None:
+        """One iteration of the `trainers.tokenizer.train_loop` body (kind "ae")."""
+        ctx, step, img = self.ctx, self.step_i, self.img
+        g = ctx.generator(step, salt=ctx.rank) if ctx.device.type == "cpu" else None
+        with ctx.autocast():
+            rec, z, _ = self.model(img)
+            loss, _ = self.rloss.generator_loss(img, rec, step, self.disc, last_layer=self.tok.last_layer, generator=g)
+        if ctx.finite_or_skip(loss):
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+            self.ema.update(self.tok)
+        if self.rloss.gan_active(step):
+            self.disc.train()
+            with ctx.autocast():
+                d_loss, _ = self.rloss.discriminator_loss(self.disc, img, rec.detach(), generator=g)
+            if ctx.finite_or_skip(d_loss):
+                self.opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                self.opt_d.step()
+        self.step_i += 1
+
+
+def measure(preset_name: str, *, batch: int, device: torch.device, precision: str, channels_last: bool, gan: bool,
+            lpips: bool | None, seed: int, steps: int, warmup: int, peak: float | None, count: bool = True) -> Result:
+    reset_peak_memory(device)
+    bench = TokenizerStep(preset_name, batch=batch, device=device, precision=precision, channels_last=channels_last,
+                          gan=gan, lpips=lpips, seed=seed)
+    flops = count_flops(bench.step) if count else None
+    secs = time_calls(bench.step, device, warmup=warmup, repeats=steps)
+    t = bench.cfg.tokenizer
+    tags = [precision_label(device, precision)] + [s for s, on in (("channels_last", channels_last), ("gan", gan),
+                                                                    ("lpips", bench.rloss.lpips_module is not None))
+                                                   if on]
+    c, h, w = bench.latent
+    return Result("tokenizer_step", f"{preset_name} {' '.join(tags)}", device.type, batch, median(secs), batch, flops,
+                  peak, peak_memory_mib(device),
+                  {"encoder": t.backbone, "resolution": bench.cfg.data.resolution, "latent": f"{c}x{h}x{w}",
+                   "min_ms": round(min(secs) * 1e3, 2)})
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = base_parser(__doc__.split("\n")[0], compile_flag=False)
+    p.add_argument("--preset", default=None, help="smoke (CPU default), fmnist, imagenet256 (CUDA default)")
+    p.add_argument("--batch", type=int, default=None, help="batch per step (default: 8 on CPU, 32 on CUDA)")
+    p.add_argument("--channels-last", default="off", choices=["off", "on", "both"],
+                   help="memory format of the conv nets; both: one row each")
+    p.add_argument("--no-gan", action="store_true", help="before disc_start: no PatchGAN terms")
+    p.add_argument("--lpips", default=None, choices=["on", "off"], help="LPIPS term (default: as the preset)")
+    args = p.parse_args(argv)
+    device = setup(args)
+    cuda = device.type == "cuda"
+    preset_name = args.preset or ("imagenet256" if cuda else "smoke")
+    batch = args.batch or (32 if cuda else 8)
+    peak = matmul_peak(device, args.peak_n)
+    layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
+    rows = [measure(preset_name, batch=batch, device=device, precision=args.precision, channels_last=cl,
+                    gan=not args.no_gan, lpips=None if args.lpips is None else args.lpips == "on", seed=args.seed,
+                    steps=args.steps, warmup=args.warmup, peak=peak) for cl in layouts]
+    return report(rows, device=device, peak_tflops=peak, json_path=args.json,
+                  argv=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

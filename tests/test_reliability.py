@@ -1,0 +1,364 @@
+"""Reliability: the platform survives worker loss, driver loss, non-finite losses and storage faults.
+
+Fault-injection runs are smoke-sized (the teacher stage on a hand-made 96-sample reference set, or a
+Table 1 study shrunk with `--set`). Each test checks that the fault really happened (marker file,
+exit code, warning) and that the result equals an uninterrupted run where that is well defined.
+Every Ray session gets its own short `RAY_TMPDIR` (unix-socket paths must stay short).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dmvae_study.config import preset
+from dmvae_study.reference import ReferenceSet
+from dmvae_study.store import load_torch
+from trainers import artifacts, teacher
+from trainers.common import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A unique, short RAY_TMPDIR for this test (and no progress bars); removed afterwards."""
+    d = tempfile.mkdtemp(prefix="ray-rel-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", d)
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _teacher_cfg(out, *extra):
+    return preset("smoke", [f"run.out_dir={out}", "teacher.total_steps=12", "teacher.batch_size=32",
+                            "run.checkpoint_every=4", "run.log_every=2", *extra])
+
+
+def _reference(cfg, nan_rows=()):
+    """96 standardised (4, 4, 4) samples with labels; `nan_rows` are set to NaN after standardising."""
+    g = torch.Generator().manual_seed(0)
+    ref = ReferenceSet.standardised(torch.randn(96, 4, 4, 4, generator=g), torch.randint(0, 10, (96,), generator=g),
+                                    num_classes=10)
+    for i in nan_rows:
+        ref.x[i] = float("nan")
+    ref.save(artifacts.reference(cfg), 64)
+
+
+def _metrics(art):
+    return [json.loads(line) for line in art.file("metrics.jsonl").read_text().splitlines()]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].dtype.is_floating_point)
+
+
+class _WorkerDied(BaseException):
+    """Stands in for `os._exit(17)` of the fault injection, so a test can kill a stage in-process."""
+
+
+def _exit_raises(monkeypatch):
+    def fake_exit(code):
+        raise _WorkerDied(code)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+
+
+# ---- 1. worker loss ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path, ray_tmpdir):
+    """A 2-worker Ray Train teacher run loses its last worker at step 5 (`os._exit(17)`); Ray's
+    FailureConfig restarts the group, every stage resumes from its step-4 checkpoint, and the final
+    EMA weights equal an uninterrupted run (data order, t, eps and label drops are functions of
+    (seed, step), so the replayed steps are the same)."""
+    import ray
+
+    from trainers.launch import run_pipeline
+    common = ["teacher.total_steps=8", "run.checkpoint_every=2"]
+    faulty = _teacher_cfg(tmp_path / "faulty", *common, "run.num_workers=2", "run.fail_at_step=5",
+                          "run.max_failures=1")
+    clean = _teacher_cfg(tmp_path / "clean", *common)  # 1 worker at the same global batch (== 2, test_ddp)
+    for c in (faulty, clean):
+        _reference(c)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmpdir)
+    try:
+        run_pipeline(faulty, stages=["teacher"], force_ray=True)
+    finally:
+        ray.shutdown()
+    art = artifacts.teacher(faulty)
+    assert art.done
+    assert art.file(".fault-injected-teacher").exists(), "the injected worker loss did not fire"
+    records = _metrics(art)
+    # steps 2, 4 logged by the first attempt; the restart resumed from the step-4 checkpoint
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [r["resumed_from"] for r in records] == [0, 0, 4, 4]
+    teacher.train_loop(clean)
+    worst = _max_diff(load_torch(art.file("teacher.pt")), load_torch(artifacts.teacher(clean).file("teacher.pt")))
+    assert worst < 1e-5, f"resumed run differs from the uninterrupted one by {worst}"
+
+
+# ---- 2. driver loss ----------------------------------------------------------------------------------
+
+MICRO = ["tokenizer.total_steps=4", "teacher.total_steps=4", "dmd.total_steps=4", "refine.total_steps=2",
+         "generator.total_steps=4", "generator.eval_every=0", "eval.sampler_steps=4", "eval.gfid_samples=16",
+         "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
+         "prior.num_samples=64", "run.max_concurrent_trials=1"]
+
+
+def _done_mtimes(study: Path, row: str) -> dict[str, int]:
+    """mtime_ns of the DONE marker (and teacher / tokenizer weights) of every artifact of a row."""
+    manifest = json.loads((study / "rows" / f"{row}.json").read_text())
+    out = {}
+    for stage, rel in manifest["artifacts"].items():
+        for name in ("DONE", "tokenizer.pt", "generator.pt", "teacher.pt"):
+            p = study / rel / name
+            if p.exists():
+                out[f"{stage}/{name}"] = p.stat().st_mtime_ns
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_driver_loss_study_resumes_with_the_same_command(tmp_path, ray_tmpdir):
+    """SIGKILL the whole `table1.py` process group (driver, local Ray, trial workers) once the first
+    row's manifest is written; the same command then finishes the study (Tune restore), leaves the
+    finished row's artifacts untouched, and the table has both rows."""
+    cmd = [sys.executable, "studies/table1.py", "--preset", "smoke", "--priors", "vae,gaussian",
+           "--out", str(tmp_path), *[a for o in MICRO for a in ("--set", o)]]
+    env = {**os.environ, "DMVAE_NO_PROGRESS": "1", "RAY_TMPDIR": ray_tmpdir, "PYTHONUNBUFFERED": "1"}
+    study = tmp_path / "table1-smoke"
+    first_row = study / "rows" / "vae.json"
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 420
+        while not first_row.exists():
+            assert proc.poll() is None, f"study ended before the kill:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "first row never finished"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # driver loss, mid-study (the gaussian row is pending or running)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log1.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (study / "table1.csv").exists() and not (study / "rows" / "gaussian.json").exists()
+    time.sleep(1.0)  # orphaned Ray processes notice their raylet is gone
+    before = _done_mtimes(study, "vae")
+    assert "eval/DONE" in before and "tokenizer/DONE" in before
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    table = pd.read_csv(study / "table1.csv")
+    assert list(table["row"]) == ["vae", "gaussian"] and table["gfid"].notna().all()
+    assert _done_mtimes(study, "vae") == before, "the finished row was re-trained"
+    assert (study / "rows" / "gaussian.json").exists()
+
+
+# ---- 3. non-finite losses ----------------------------------------------------------------------------
+
+def test_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
+    """One NaN reference sample poisons one batch per epoch (3 batches of 32 out of 96): those
+    updates are skipped and counted in `nonfinite/total`, the stage finishes with finite weights.
+    (The DM gradient's own NaN safety is tests/test_dm_objectives.py::test_dm_nan_rows_do_not_poison_others.)"""
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    cfg = _teacher_cfg(tmp_path, "teacher.total_steps=9", "run.log_every=3")
+    _reference(cfg, nan_rows=[17])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher.train_loop(cfg)
+    art = artifacts.teacher(cfg)
+    assert art.done
+    records = _metrics(art)
+    assert [r["nonfinite/total"] for r in records] == [1, 2, 3]  # once per epoch of 3 steps
+    state = load_torch(art.file("teacher.pt"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.dtype.is_floating_point)
+
+
+def test_consecutive_nonfinite_losses_stop_the_stage_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """From step 6 on every loss is NaN: after `run.max_nonfinite=3` in a row the stage stops with
+    NonFiniteLossError naming the fix; the last checkpoint (step 8, written between two skipped
+    updates, so still finite) is kept, nothing is marked done, and once the cause is gone the same
+    command resumes from it and finishes."""
+    import trainers.flowfit as flowfit
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    cfg = _teacher_cfg(tmp_path, "teacher.total_steps=12", "run.max_nonfinite=3")
+    _reference(cfg)
+    real = flowfit.FlowMatchingLoss
+
+    class NaNFromStep6(real):
+        calls = 0
+
+        def __call__(self, *a, **k):
+            loss, t = super().__call__(*a, **k)
+            type(self).calls += 1
+            return (loss * float("nan") if type(self).calls > 6 else loss), t
+
+    monkeypatch.setattr(flowfit, "FlowMatchingLoss", NaNFromStep6)
+    with pytest.raises(NonFiniteLossError) as err:
+        teacher.train_loop(cfg)
+    msg = str(err.value)
+    assert "3 consecutive non-finite losses" in msg and "last good checkpoint" in msg
+    assert "Lower the learning rate" in msg and "run.max_nonfinite" in msg
+    art = artifacts.teacher(cfg)
+    assert not art.done and [s for s, _ in art.checkpoints()] == [4, 8]
+    assert [(r["step"], r["nonfinite/total"]) for r in _metrics(art)][-2:] == [(6, 0), (8, 2)]
+    step, state = art.load_latest_checkpoint()  # skipped steps left the weights as they were: finite
+    assert step == 8 and all(torch.isfinite(v).all() for k in ("net", "ema") for v in state[k].values()
+                             if v.dtype.is_floating_point)
+
+    monkeypatch.setattr(flowfit, "FlowMatchingLoss", real)  # the cause is fixed: resume and finish
+    out = teacher.train_loop(cfg)
+    assert art.done and out["steps"] == 12 and _metrics(art)[-1]["resumed_from"] == 8
+
+
+# ---- 4. storage ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch, damage):
+    """A stage dies at step 10 (checkpoints 4 and 8 on disk); the step-8 checkpoint is then damaged.
+    Rerunning the stage warns, resumes from step 4 and ends with the weights of an uninterrupted run."""
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    cfg = _teacher_cfg(tmp_path / "faulty", "run.fail_at_step=10")
+    clean = _teacher_cfg(tmp_path / "clean")
+    for c in (cfg, clean):
+        _reference(c)
+    _exit_raises(monkeypatch)
+    with pytest.raises(_WorkerDied):
+        teacher.train_loop(cfg)
+    art = artifacts.teacher(cfg)
+    assert [s for s, _ in art.checkpoints()] == [4, 8]
+    newest = art.checkpoints()[-1][1]
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(bytes(data[: len(data) // 3]))  # a crash mid-copy / full disk
+    else:
+        data[len(data) // 2] ^= 0x55  # silent bit rot: only the checksum sees it
+        newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"ckpt-000000008\.pt is unreadable .*previous good one"):
+        teacher.train_loop(cfg)
+    assert art.done
+    assert [r["resumed_from"] for r in _metrics(art)][-1] == 4
+    teacher.train_loop(clean)
+    worst = _max_diff(load_torch(art.file("teacher.pt")), load_torch(artifacts.teacher(clean).file("teacher.pt")))
+    assert worst < 1e-6, f"fallback run differs from the uninterrupted one by {worst}"
+
+
+def test_unwritable_results_location_fails_before_training(tmp_path):
+    """`--out` under a regular file (read-only works the same and also as root): a one-line error,
+    exit code != 0, no traceback, and nothing started."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, "studies/table1.py", "--priors", "vae", "--out", str(blocker / "res")],
+                          cwd=ROOT, env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "not writable" in proc.stderr and "--out" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "ray").exists()  # Ray never started
+
+
+def test_full_results_location_fails_before_training(tmp_path, monkeypatch):
+    """A nearly full disk is found by the preflight: the CLI exits with the message, before Ray starts
+    or any stage runs."""
+    import shutil as _shutil
+
+    import studies.common as common
+    import trainers.launch as launch
+    from studies import table1
+
+    def never(*a, **k):
+        raise AssertionError("training or Ray started despite a full results location")
+    monkeypatch.setattr(common, "init_ray", never)
+    monkeypatch.setattr(launch, "run_pipeline", never)
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    with pytest.raises(SystemExit) as e:
+        table1.main(["--priors", "vae", "--out", str(tmp_path)])
+    assert e.value.code != 0 and "MiB free" in str(e.value.code) and "--out" in str(e.value.code)
+
+
+def _torch_load_calls(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            yield node
+
+
+def test_every_torch_load_is_weights_only():
+    """No code path unpickles arbitrary objects: every `torch.load` passes `weights_only=True`
+    (checkpoints from a shared store or a downloaded weights file cannot run code)."""
+    files = [p for d in ("dmvae_study", "priors", "trainers", "studies", "benchmarks", "scripts")
+             for p in (ROOT / d).rglob("*.py")]
+    assert files
+    bad, seen = [], 0
+    for f in files:
+        for call in _torch_load_calls(f):
+            seen += 1
+            kw = {k.arg: k.value for k in call.keywords}
+            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if not ok:
+                bad.append(f"{f.relative_to(ROOT)}:{call.lineno}")
+    assert seen >= 1 and not bad, f"torch.load without weights_only=True: {bad}"
+    text = "\n".join(p.read_text() for p in files)
+    assert not re.search(r"\bpickle\.loads?\(|torch\.jit\.load\(", text), "unpickling outside torch.load"
+
+
+# ---- 7. security ----------------------------------------------------------------------------------------
+
+def test_local_ray_dashboard_is_off_and_bound_to_loopback(monkeypatch):
+    """`init_ray` starts a local cluster with no dashboard, bound to 127.0.0.1 should it be enabled."""
+    import ray
+
+    from studies.common import init_ray
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp/ray-rel-unused")
+    init_ray(None)
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw.get("include_dashboard") is False and kw.get("dashboard_host") == "127.0.0.1"
+    assert "address" not in kw and kw.get("_temp_dir") == "/tmp/ray-rel-unused"
+
+
+CREDENTIAL_PATTERNS = {
+    "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    "private key block": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "GitHub token": r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
+    "Hugging Face token": r"\bhf_[A-Za-z0-9]{30,}\b",
+    "GCP service-account key": r"\"type\"\s*:\s*\"service_account\"",
+    "secret-looking value": r"(?im)^\s*[\w-]*(secret|password|passwd|api[_-]?key|access[_-]?key|token)[\w-]*\s*:"
+                            r"\s*['\"]?(?!\$\{?|<|~|/|None|null|''|\"\")[^\s#'\"]{8,}",
+}
+
+
+def test_cluster_yaml_carries_no_credentials():
+    """cluster.yaml may name key *files* (ssh_private_key: ~/.ssh/...) but holds no secret values."""
+    path = ROOT / "cluster.yaml"
+    if not path.exists():
+        pytest.skip("cluster.yaml not written yet")
+    text = path.read_text()
+    found = [name for name, pat in CREDENTIAL_PATTERNS.items() if re.search(pat, text)]
+    assert not found, f"cluster.yaml seems to contain credentials: {found}"

@@ -1,0 +1,161 @@
+"""The study report rebuilds tables and figures from a results folder alone.
+
+The fixture writes a synthetic study folder in the layout `studies/*.py` and the stages produce
+(table CSV, row manifests, artifact folders with metrics.jsonl, latent cache, reference shards and
+eval PNGs): no training runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dmvae_study import report
+from dmvae_study.reference import ReferenceSet
+from dmvae_study.store import ArtifactDir, save_torch
+
+ROWS = ("vae", "dinov2", "gaussian")  # a baseline, a data-derived prior, a synthetic unlabelled prior
+
+
+def _art(root: Path, kind: str, row: str) -> ArtifactDir:
+    art = ArtifactDir(root / "store" / kind / f"{kind}-{row}")
+    art.path.mkdir(parents=True, exist_ok=True)
+    art.mark_done({})
+    return art
+
+
+def _metrics(art: ArtifactDir, records: list[dict]) -> None:
+    lines = [json.dumps(r) for r in records]
+    art.file("metrics.jsonl").write_text("\n".join(lines) + "\n{\"stage\": \"torn")  # a crash mid-write
+
+
+def make_study(root: Path, curves: bool = True, n: int = 160, classes: int = 4) -> Path:
+    """A 3-row Table 1 study folder: `root/table1-smoke/`."""
+    study = root / "table1-smoke"
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i, row in enumerate(ROWS):
+        arts: dict[str, ArtifactDir] = {}
+        y = torch.arange(n) % classes
+        z = torch.randn(n, 4, 2, 2, generator=g) + y.view(-1, 1, 1, 1).float()  # class-separated latents
+        arts["latents"] = _art(study, "latents", row)
+        save_torch(arts["latents"].file("latents.pt"), {"z": z.half(), "y": y})
+        arts["generator"] = _art(study, "generator", row)
+        gen = [{"stage": "generator", "step": s, "kimg": s * 0.064, "loss/fm": 2.0 / s}
+               | ({"eval/gfid_curve": 300.0 - 2 * s + 10 * i, "eval/gfid_curve_n": 64} if curves and row != "gaussian"
+                  else {}) for s in (10, 20, 30, 20, 30, 40)]  # 20, 30 repeat: a resumed run
+        _metrics(arts["generator"], gen)
+        arts["eval"] = _art(study, "eval", row)
+        for kind, size in (("samples", (136, 136)), ("reconstructions", (136, 104))):
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(arts["eval"].file(f"{kind}.png"))
+        if row != "vae":
+            arts["reference"] = _art(study, "reference", row)
+            labelled = row == "dinov2"
+            ref = ReferenceSet.standardised(torch.randn(n, 8, 1, 1, generator=g) + (y.view(-1, 1, 1, 1) if labelled else 0),
+                                            y if labelled else None, num_classes=classes if labelled else 0,
+                                            provenance={"prior": row, "kind": "data" if labelled else "synthetic"})
+            ref.save(arts["reference"], shard_size=64)
+            arts["dmd"] = _art(study, "dmd", row)
+            _metrics(arts["dmd"], [{"stage": "dmd", "step": s, "match/swd": 1.5 / s ** 0.5 + 0.1 * i} for s in (10, 20, 30)])
+        ev = {"extractor": "lite0", "rfid_lite0": 300.0 + i, "gfid_lite0": 320.0 + i, "is_lite0": 1.2, "psnr": 8.0 + i,
+              "gfid_samples": 64, "random_init": row == "dinov2"}
+        manifest = {"row": row, "prior": row, "wall_s": 30.0 + i,
+                    "config": {"run": {"name": "table1-smoke", "num_workers": 1, "use_gpu": False},
+                               "eval": {"extractor": "lite0"}},
+                    "summaries": {"eval": ev, **({"dmd": {"match/swd": 0.5}} if row != "vae" else {})},
+                    "artifacts": {k: str(a.path.relative_to(study)) for k, a in arts.items()}}
+        (study / "rows").mkdir(parents=True, exist_ok=True)
+        (study / "rows" / f"{row}.json").write_text(json.dumps(manifest))
+        records.append({"row": row, "prior": row, "rfid": ev["rfid_lite0"], "psnr": ev["psnr"], "gfid": ev["gfid_lite0"],
+                        "is": 1.2, "extractor": "lite0", "gfid_samples": 64,
+                        "matching_swd": None if row == "vae" else 0.5, "diversity": 0.1, "latent_diversity": 0.3,
+                        "wall_s": 30.0 + i, "gpu_hours": 0.0, "random_init": row == "dinov2",
+                        "trial_id": f"t{i}", "config": "{...}"})  # Tune bookkeeping the report drops
+    pd.DataFrame.from_records(records).to_csv(study / "table1.csv", index=False)
+    return study
+
+
+def _images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def _px(inches: tuple[float, float]) -> tuple[int, int]:
+    return round(inches[0] * report.DPI), round(inches[1] * report.DPI)
+
+
+def _assert_png(path: Path, size: tuple[int, int] | None = None) -> None:
+    assert path.stat().st_size > 1000, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        if size is not None:
+            assert abs(im.size[0] - size[0]) <= 1 and abs(im.size[1] - size[1]) <= 1, (path.name, im.size, size)
+            assert min(im.size) > 100
+        else:
+            assert min(im.size) > 50
+        assert im.convert("L").getextrema()[0] < im.convert("L").getextrema()[1]  # not a blank image
+
+
+def test_report_from_results_folder(tmp_path: Path) -> None:
+    study = make_study(tmp_path)
+    md_path = report.build_report(study, max_points=120)
+    out = study / "report"
+    assert md_path == out / "report.md"
+    md = md_path.read_text()
+
+    links = _images(md)
+    assert set(links) == {"fig8_gfid_vs_step.png", "dmd_match_swd.png", "fig4_tsne.png",
+                          *(f"grids/{r}_{k}.png" for r in ROWS for k in ("samples", "reconstructions"))}
+    for rel in links:
+        assert (out / rel).exists(), rel
+    _assert_png(out / "fig8_gfid_vs_step.png", _px(report.CURVE_FIGSIZE))
+    _assert_png(out / "dmd_match_swd.png", _px(report.CURVE_FIGSIZE))
+    _assert_png(out / "fig4_tsne.png", _px(report.tsne_figsize(len(ROWS))))
+    _assert_png(out / "grids" / "vae_samples.png", (136, 136))
+    _assert_png(out / "grids" / "dinov2_reconstructions.png", (136, 104))
+
+    # header, random-init warning, the table (Tune's bookkeeping columns dropped), notes
+    assert "# DMVAE study report: table1-smoke" in md and "preset: `smoke`" in md and "`lite0`" in md
+    assert "Warning: random-init weights" in md and "`dinov2`" in md
+    assert "| row " in md and "gFID-64" in md and "rFID" in md and "trial_id" not in md
+    assert "No gFID curve logged for row(s) gaussian" in md
+    for stem_file in ("table1.md", "table1.tex", "table1.csv"):
+        assert (out / stem_file).stat().st_size > 0
+    assert "\\begin{tabular}" in (out / "table1.tex").read_text()
+
+
+def test_rebuilds_table_from_manifests_and_falls_back_to_loss(tmp_path: Path) -> None:
+    study = make_study(tmp_path, curves=False)
+    (study / "table1.csv").unlink()
+    out = tmp_path / "elsewhere"
+    assert report.main([str(study), "--out", str(out), "--max-points", "0"]) == 0
+    md = (out / "report.md").read_text()
+    assert "rebuilt from rows/*.json" in md
+    assert "fig8_fm_loss_vs_step.png" in _images(md) and "fig4_tsne.png" not in md
+    _assert_png(out / "fig8_fm_loss_vs_step.png", _px(report.CURVE_FIGSIZE))
+    table = pd.read_csv(out / "table1.csv")
+    assert table["row"].tolist() == list(ROWS)
+    assert table.loc[table["row"] == "gaussian", "gfid"].item() == pytest.approx(322.0)
+    assert table.loc[table["row"] == "vae", "wall_s"].item() == pytest.approx(30.0)
+
+
+def test_read_metrics_keeps_last_of_repeated_steps(tmp_path: Path) -> None:
+    study = make_study(tmp_path)
+    df = report.read_metrics(study / "store" / "generator" / "generator-vae" / "metrics.jsonl")
+    assert df["step"].tolist() == [10, 20, 30, 40]
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "no study folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="row manifests"):
+        report.build_report(tmp_path / "empty")
