@@ -157,12 +157,20 @@ def load_study(results_dir: str | Path) -> Study:
                                 f"nor row manifests (rows/*.json): is it a study results folder?")
     table = table[[c for c in RESULT_COLUMNS if c in table.columns]]  # drop Tune's bookkeeping columns
     if not rows:
-        notes.append("No row manifests (rows/*.json; studies before they were written): figures need them, "
-                     "only the table is reported. Rerun the study command to write them (finished stages are reused).")
+        notes.append("No row manifests (rows/*.json, written by each finished study row): the figures need them, "
+                     "so only the table is reported.")
     return Study(root=root, stem=stem, table=table, rows=rows, notes=notes)
 
 
 # ---- tables --------------------------------------------------------------------------------------
+def random_init_rows(df: pd.DataFrame) -> list[str]:
+    """Rows whose `random_init` is true (bool, or "True" read back from text; a missing value is not)."""
+    if "random_init" not in df:
+        return []
+    flag = df["random_init"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    return df.loc[flag, "row"].astype(str).tolist() if "row" in df else ["?"] * int(flag.sum())
+
+
 def display_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Result frame -> (frame with the paper's column names, footnote on features and random init)."""
     n = int(df["gfid_samples"].dropna().iloc[0]) if "gfid_samples" in df and df["gfid_samples"].notna().any() else 0
@@ -172,7 +180,7 @@ def display_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         show = show.drop(columns="prior")  # Table 1: one row per prior, the name once is enough
     extractor = df["extractor"].dropna().iloc[0] if "extractor" in df and df["extractor"].notna().any() else "?"
     note = f"Features: {extractor}."
-    if "random_init" in df and df["random_init"].astype(bool).any():
+    if random_init_rows(df):
         note += " Rows marked random-init used randomly initialised backbones (no pretrained weights)."
     return show, note
 
@@ -259,7 +267,7 @@ def plot_generator_curves(study: Study, out: Path) -> tuple[Path | None, str]:
         study.notes.append("No generator metrics.jsonl found: no stage-2 curve.")
         return None, "none"
     fig = _curve_figure(losses, "loss/fm", styles,
-                        "Stage-2 flow-matching loss vs step (no gFID curve logged: generator.eval_every = 0)",
+                        "Stage-2 flow-matching loss vs step\n(no gFID curve logged: generator.eval_every = 0)",
                         "flow-matching loss", log_y=True)
     return _save(fig, out / "fig8_fm_loss_vs_step.png"), "loss"
 
@@ -461,8 +469,7 @@ def _header(study: Study) -> list[str]:
              f"- study: `{study.stem}` · preset: `{study.preset}` · rows: {len(study.table)}",
              f"- feature extractor: `{study.extractor}` (rFID / gFID{f' on {n} samples' if n else ''} / IS in its "
              f"feature space)", f"- source: `{study.root.resolve()}`", ""]
-    if "random_init" in study.table and study.table["random_init"].astype(bool).any():
-        bad = study.table.loc[study.table["random_init"].astype(bool), "row"].tolist()
+    if bad := random_init_rows(study.table):
         lines += [f"> **Warning: random-init weights.** Row(s) {', '.join(f'`{b}`' for b in bad)} ran with randomly "
                   "initialised backbones (pretrained weights missing, `run.allow_random_weights`): their numbers "
                   "check the pipeline; they do not measure the prior.", ""]

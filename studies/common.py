@@ -24,12 +24,6 @@ from dmvae_study.config import PRESETS, ExperimentConfig, preset
 from dmvae_study.configlib import ConfigError
 from dmvae_study.store import atomic_write_text, preflight_writable
 
-TABLE_COLUMNS = {  # result key -> table column (paper Table 1 names first)
-    "prior": "prior", "rfid": "rFID", "psnr": "PSNR", "gfid": "gFID", "is": "IS",
-    "matching_swd": "match SW", "wall_s": "wall s", "gpu_hours": "GPU-h", "random_init": "random-init",
-}
-
-
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="named preset (default: smoke)")
@@ -141,18 +135,13 @@ def run_tune(cfg: ExperimentConfig, rows: dict[str, dict[str, Any]], address: st
 
 
 def write_tables(df: pd.DataFrame, root: Path, stem: str, caption: str) -> pd.DataFrame:
-    """CSV, Parquet, Markdown and LaTeX of a study table; returns the display frame."""
+    """CSV, Parquet, Markdown and LaTeX of a study table; returns the display frame (the paper's
+    column names, the same rendering `python -m dmvae_study.report` uses)."""
+    from dmvae_study.report import display_table
     root.mkdir(parents=True, exist_ok=True)
     df.to_csv(root / f"{stem}.csv", index=False)
     df.to_parquet(root / f"{stem}.parquet", index=False)
-    extractor = df["extractor"].dropna().iloc[0] if "extractor" in df and df["extractor"].notna().any() else "?"
-    n = int(df["gfid_samples"].dropna().iloc[0]) if "gfid_samples" in df and df["gfid_samples"].notna().any() else 0
-    show = df.rename(columns={**TABLE_COLUMNS, "gfid": f"gFID-{n // 1000}k" if n >= 1000 else f"gFID-{n}"})
-    show = show[[c for c in show.columns if c in set(TABLE_COLUMNS.values()) | {show.columns[0]}
-                 or c.startswith("gFID") or c in ("row",)]]
-    note = f"Features: {extractor}."
-    if "random_init" in df and df["random_init"].any():
-        note += " Rows marked random-init used randomly initialised backbones (no pretrained weights)."
+    show, note = display_table(df)
     atomic_write_text(root / f"{stem}.md", f"{caption}\n\n{show.to_markdown(index=False, floatfmt='.3g')}\n\n{note}\n")
     atomic_write_text(root / f"{stem}.tex", show.to_latex(index=False, float_format="%.3g", caption=caption))
     return show

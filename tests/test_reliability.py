@@ -61,6 +61,17 @@ def _reference(cfg, nan_rows=()):
     ref.save(artifacts.reference(cfg), 64)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """EMA weights of an uninterrupted 1-worker, 8-step teacher run (a 2-worker run at the same global
+    batch is the same: tests/test_ddp.py); checkpointing does not change the numbers."""
+    cfg = _teacher_cfg(tmp_path_factory.mktemp("uninterrupted"), "teacher.total_steps=8")
+    _reference(cfg)
+    os.environ.setdefault("DMVAE_NO_PROGRESS", "1")
+    teacher.train_loop(cfg)
+    return load_torch(artifacts.teacher(cfg).file("teacher.pt"))
+
+
 def _metrics(art):
     return [json.loads(line) for line in art.file("metrics.jsonl").read_text().splitlines()]
 
@@ -84,7 +95,7 @@ def _exit_raises(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path, ray_tmpdir):
+def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path, ray_tmpdir, uninterrupted):
     """A 2-worker Ray Train teacher run loses its last worker at step 5 (`os._exit(17)`); Ray's
     FailureConfig restarts the group, every stage resumes from its step-4 checkpoint, and the final
     EMA weights equal an uninterrupted run (data order, t, eps and label drops are functions of
@@ -92,12 +103,9 @@ def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
     import ray
 
     from trainers.launch import run_pipeline
-    common = ["teacher.total_steps=8", "run.checkpoint_every=2"]
-    faulty = _teacher_cfg(tmp_path / "faulty", *common, "run.num_workers=2", "run.fail_at_step=5",
-                          "run.max_failures=1")
-    clean = _teacher_cfg(tmp_path / "clean", *common)  # 1 worker at the same global batch (== 2, test_ddp)
-    for c in (faulty, clean):
-        _reference(c)
+    faulty = _teacher_cfg(tmp_path, "teacher.total_steps=8", "run.checkpoint_every=2", "run.num_workers=2",
+                          "run.fail_at_step=5", "run.max_failures=1")
+    _reference(faulty)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmpdir)
     try:
         run_pipeline(faulty, stages=["teacher"], force_ray=True)
@@ -110,8 +118,7 @@ def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
     # steps 2, 4 logged by the first attempt; the restart resumed from the step-4 checkpoint
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     assert [r["resumed_from"] for r in records] == [0, 0, 4, 4]
-    teacher.train_loop(clean)
-    worst = _max_diff(load_torch(art.file("teacher.pt")), load_torch(artifacts.teacher(clean).file("teacher.pt")))
+    worst = _max_diff(load_torch(art.file("teacher.pt")), uninterrupted)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by {worst}"
 
 
@@ -235,19 +242,19 @@ def test_consecutive_nonfinite_losses_stop_the_stage_keeping_the_last_good_check
 # ---- 4. storage ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch, damage):
-    """A stage dies at step 10 (checkpoints 4 and 8 on disk); the step-8 checkpoint is then damaged.
+def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch, damage, uninterrupted):
+    """A stage dies at step 7 (checkpoints 4 and 6 on disk); the step-6 checkpoint is then damaged.
     Rerunning the stage warns, resumes from step 4 and ends with the weights of an uninterrupted run."""
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
-    cfg = _teacher_cfg(tmp_path / "faulty", "run.fail_at_step=10")
-    clean = _teacher_cfg(tmp_path / "clean")
-    for c in (cfg, clean):
-        _reference(c)
+    cfg = _teacher_cfg(tmp_path, "teacher.total_steps=8", "run.checkpoint_every=2", "run.fail_at_step=7")
+    _reference(cfg)
     _exit_raises(monkeypatch)
     with pytest.raises(_WorkerDied):
         teacher.train_loop(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     art = artifacts.teacher(cfg)
-    assert [s for s, _ in art.checkpoints()] == [4, 8]
+    assert [s for s, _ in art.checkpoints()] == [4, 6] and art.file(".fault-injected-teacher").exists()
     newest = art.checkpoints()[-1][1]
     data = bytearray(newest.read_bytes())
     if damage == "truncate":
@@ -255,12 +262,11 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, monke
     else:
         data[len(data) // 2] ^= 0x55  # silent bit rot: only the checksum sees it
         newest.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match=r"ckpt-000000008\.pt is unreadable .*previous good one"):
+    with pytest.warns(UserWarning, match=r"ckpt-000000006\.pt is unreadable .*previous good one"):
         teacher.train_loop(cfg)
     assert art.done
     assert [r["resumed_from"] for r in _metrics(art)][-1] == 4
-    teacher.train_loop(clean)
-    worst = _max_diff(load_torch(art.file("teacher.pt")), load_torch(artifacts.teacher(clean).file("teacher.pt")))
+    worst = _max_diff(load_torch(art.file("teacher.pt")), uninterrupted)
     assert worst < 1e-6, f"fallback run differs from the uninterrupted one by {worst}"
 
 

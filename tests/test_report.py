@@ -47,7 +47,7 @@ def make_study(root: Path, curves: bool = True, n: int = 160, classes: int = 4) 
         arts["latents"] = _art(study, "latents", row)
         save_torch(arts["latents"].file("latents.pt"), {"z": z.half(), "y": y})
         arts["generator"] = _art(study, "generator", row)
-        gen = [{"stage": "generator", "step": s, "kimg": s * 0.064, "loss/fm": 2.0 / s}
+        gen = [{"stage": "generator", "step": s, "kimg": s * 0.064, "loss/fm": 2.0 / s + 0.05 * i}
                | ({"eval/gfid_curve": 300.0 - 2 * s + 10 * i, "eval/gfid_curve_n": 64} if curves and row != "gaussian"
                   else {}) for s in (10, 20, 30, 20, 30, 40)]  # 20, 30 repeat: a resumed run
         _metrics(arts["generator"], gen)
@@ -106,7 +106,7 @@ def _assert_png(path: Path, size: tuple[int, int] | None = None) -> None:
 
 def test_report_from_results_folder(tmp_path: Path) -> None:
     study = make_study(tmp_path)
-    md_path = report.build_report(study, max_points=120)
+    md_path = report.build_report(study, max_points=100)
     out = study / "report"
     assert md_path == out / "report.md"
     md = md_path.read_text()
@@ -159,3 +159,8 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="row manifests"):
         report.build_report(tmp_path / "empty")
+
+
+def test_random_init_flag_reads_text_and_ignores_missing() -> None:
+    df = pd.DataFrame({"row": ["a", "b", "c", "d"], "random_init": [True, "False", None, "True"]})
+    assert report.random_init_rows(df) == ["a", "d"]

@@ -32,6 +32,8 @@ def fit_flow_model(
     ema = EMA(net, dcfg.ema_decay)
     opt = adamw(net.parameters(), dcfg.lr, ctx.device, betas=(0.9, 0.95))
     net_w = ctx.wrap(net)
+    if run.compile:  # optional: fuses the DiT's elementwise work around the flash-attention kernels
+        net_w = torch.compile(net_w)
     ema.shadow.to(ctx.device)
     start = resume(ctx, art, {"net": net, "ema": ema, "opt": opt})
     fm = FlowMatchingLoss(time_sampling=dcfg.time_sampling)

