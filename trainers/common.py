@@ -116,6 +116,12 @@ class StageContext:
             return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
         return module
 
+    def channels_last(self, *modules: nn.Module) -> None:
+        """Conv nets (decoder, PatchGAN) in channels_last on GPU: cuDNN's fast NHWC kernels under bf16."""
+        if self.device.type == "cuda":
+            for m in modules:
+                m.to(memory_format=torch.channels_last)
+
     def local_batch(self, global_batch: int) -> int:
         if global_batch % self.world:
             raise ValueError(f"global batch {global_batch} is not divisible by {self.world} workers; "

@@ -98,6 +98,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     opt_vae = adamw(vae.parameters(), d.lr, ctx.device, betas=(0.9, 0.95))
     opt_fake = adamw(fake.parameters(), d.fake_lr, ctx.device, betas=(0.9, 0.95))
     opt_d = adamw(disc.parameters(), d.lr, ctx.device, betas=(0.9, 0.95))
+    ctx.channels_last(tok.decoder, disc)
     vae_w, fake_w, disc_w = ctx.wrap(vae), ctx.wrap(fake), ctx.wrap(disc)
     ema = EMA(tok, cfg.tokenizer.ema_decay)
     ema.shadow.to(ctx.device)

@@ -35,6 +35,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     rloss = build_recon_loss(cfg, 0, ctx.device)
     opt_g = adamw(tok.decoder.parameters(), r.lr, ctx.device, betas=(0.9, 0.95))
     opt_d = adamw(disc.parameters(), r.lr, ctx.device, betas=(0.9, 0.95))
+    ctx.channels_last(tok.decoder, disc)
     dec_w, disc_w = ctx.wrap(tok.decoder), ctx.wrap(disc)
     ema = EMA(tok, cfg.tokenizer.ema_decay)
     ema.shadow.to(ctx.device)

@@ -85,6 +85,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     rloss = build_recon_loss(cfg, t.disc_start, ctx.device)
     opt_g = adamw(model.parameters(), t.lr, ctx.device, betas=(0.9, 0.95))
     opt_d = adamw(disc.parameters(), t.lr, ctx.device, betas=(0.9, 0.95))
+    ctx.channels_last(tok.decoder, disc)
     model_w, disc_w = ctx.wrap(model), ctx.wrap(disc)
     ema = EMA(tok, t.ema_decay)
     ema.shadow.to(ctx.device)
