@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks import bench_dit
-from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
+from benchmarks.common import (Result, base_parser, compile_forward, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, sync, time_calls)
 from dmvae_study.build import build_tokenizer, latent_shape
 from dmvae_study.config import preset
@@ -38,12 +38,6 @@ from dmvae_study.models.lightningdit import build_lightningdit
 from dmvae_study.objectives.dm import DistributionMatchingLoss, fake_score_loss
 from dmvae_study.objectives.flow import sample_t
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
-
-
-def compile_forward(net: torch.nn.Module) -> None:
-    """Compile `net.forward` in place: `forward_cfg` calls `self.forward` directly (not `__call__`),
-    so `torch.compile(net)` / `net.compile()` would leave the DM-loss passes eager."""
-    net.forward = torch.compile(net.forward)  # type: ignore[method-assign]
 
 
 class DMDStep:

@@ -113,7 +113,10 @@ def run_tune(cfg: ExperimentConfig, rows: dict[str, dict[str, Any]], address: st
     init_ray(address)
     root = Path(cfg.run.out_dir).resolve() / cfg.run.name
     trainable = tune.with_resources(row_trial, trial_resources(cfg))
-    path = root / "tune"
+    # One Tune experiment per (config, row set): rerunning the same command restores it; asking for
+    # other rows starts a new one (finished stages are still reused from the artifact store).
+    from dmvae_study.store import config_digest
+    path = root / f"tune-{config_digest({'experiment': cfg.to_dict(), 'rows': rows}, 8)}"
     space = {"experiment": cfg.to_dict(), "row": tune.grid_search(list(rows)), "row_overrides": rows}
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
@@ -121,7 +124,7 @@ def run_tune(cfg: ExperimentConfig, rows: dict[str, dict[str, Any]], address: st
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrency(cfg)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=1,
+            run_config=tune.RunConfig(name=path.name, storage_path=str(root), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     grid = tuner.fit()

@@ -257,8 +257,8 @@ def test_torch_distributed_build_matches_single_process(tmp_path):
     from tests.ddp_util import run_distributed
     run_distributed(_ddp_build, 2, str(tmp_path))
     fresh = build(smoke("resnet34", **{"prior.num_samples": 32, "prior.shard_size": 16}), tmp_path / "single")
-    assert torch.equal(torch.load(tmp_path / "x0.pt"), fresh.x)
-    assert torch.allclose(torch.load(tmp_path / "x1.pt"), fresh.x, atol=2e-2, rtol=1e-2)  # rank 1 reloads float16
+    assert torch.equal(torch.load(tmp_path / "x0.pt", weights_only=True), fresh.x)
+    assert torch.allclose(torch.load(tmp_path / "x1.pt", weights_only=True), fresh.x, atol=2e-2, rtol=1e-2)  # rank 1 reloads float16
 
 
 def test_missing_weights_name_the_file_and_the_fetch_command(tmp_path):

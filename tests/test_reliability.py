@@ -142,13 +142,27 @@ def _done_mtimes(study: Path, row: str) -> dict[str, int]:
     return out
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains `text` (the test's own Ray session dir)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_driver_loss_study_resumes_with_the_same_command(tmp_path, ray_tmpdir):
     """SIGKILL the whole `table1.py` process group (driver, local Ray, trial workers) once the first
-    row's manifest is written; the same command then finishes the study (Tune restore), leaves the
-    finished row's artifacts untouched, and the table has both rows."""
+    row's manifest is written and the second row is mid-way (its teacher stage done); the same
+    command then finishes the study (Tune restore): the finished row and the second row's finished
+    stage are not re-trained (DONE / weight files untouched), and the table has both rows."""
     cmd = [sys.executable, "studies/table1.py", "--preset", "smoke", "--priors", "vae,gaussian",
            "--out", str(tmp_path), *[a for o in MICRO for a in ("--set", o)]]
     env = {**os.environ, "DMVAE_NO_PROGRESS": "1", "RAY_TMPDIR": ray_tmpdir, "PYTHONUNBUFFERED": "1"}
@@ -158,11 +172,12 @@ def test_driver_loss_study_resumes_with_the_same_command(tmp_path, ray_tmpdir):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 420
-        while not first_row.exists():
+        teacher_done = study / "store" / "teacher"  # only the gaussian row has a teacher stage
+        while not (first_row.exists() and any(teacher_done.glob("*/DONE"))):
             assert proc.poll() is None, f"study ended before the kill:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
-            assert time.time() < deadline, "first row never finished"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # driver loss, mid-study (the gaussian row is pending or running)
+            assert time.time() < deadline, "the study never reached the second row's teacher"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # driver loss, mid-way through the gaussian row
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -170,16 +185,23 @@ def test_driver_loss_study_resumes_with_the_same_command(tmp_path, ray_tmpdir):
         log1.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (study / "table1.csv").exists() and not (study / "rows" / "gaussian.json").exists()
-    time.sleep(1.0)  # orphaned Ray processes notice their raylet is gone
+    time.sleep(2.0)
+    for pid in _processes_mentioning(ray_tmpdir):  # Ray processes outside the group, if any: ours to end
+        os.kill(pid, signal.SIGKILL)
     before = _done_mtimes(study, "vae")
     assert "eval/DONE" in before and "tokenizer/DONE" in before
+    (teacher_art,) = [p.parent for p in teacher_done.glob("*/DONE")]
+    teacher_before = {p.name: p.stat().st_mtime_ns for p in teacher_art.iterdir()}
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     table = pd.read_csv(study / "table1.csv")
     assert list(table["row"]) == ["vae", "gaussian"] and table["gfid"].notna().all()
     assert _done_mtimes(study, "vae") == before, "the finished row was re-trained"
+    assert {p.name: p.stat().st_mtime_ns for p in teacher_art.iterdir()} == teacher_before, \
+        "the interrupted row's finished teacher stage was re-trained"
     assert (study / "rows" / "gaussian.json").exists()
+    assert not _processes_mentioning(ray_tmpdir) or time.sleep(5) or not _processes_mentioning(ray_tmpdir)
 
 
 # ---- 3. non-finite losses ----------------------------------------------------------------------------
@@ -361,10 +383,13 @@ CREDENTIAL_PATTERNS = {
 
 
 def test_cluster_yaml_carries_no_credentials():
-    """cluster.yaml may name key *files* (ssh_private_key: ~/.ssh/...) but holds no secret values."""
+    """cluster.yaml may name key *files* (ssh_private_key: ~/.ssh/...) but holds no secret values;
+    a dashboard it starts binds to loopback (reached through `ray dashboard`'s SSH tunnel)."""
     path = ROOT / "cluster.yaml"
     if not path.exists():
         pytest.skip("cluster.yaml not written yet")
     text = path.read_text()
     found = [name for name, pat in CREDENTIAL_PATTERNS.items() if re.search(pat, text)]
     assert not found, f"cluster.yaml seems to contain credentials: {found}"
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", text)  # a dashboard, if started, stays on loopback
+    assert all(h.strip("'\"") in ("127.0.0.1", "localhost") for h in hosts), hosts

@@ -1,0 +1,248 @@
+"""Bad input through the platform's entry points: one table, one test per row.
+
+Each row feeds one kind of bad input to a pipeline stage (`run_pipeline`, in-process) or to the
+Table 1 CLI, and expects either a clear error of a named type whose message names the problem and
+the fix, raised from the platform's own code (never from deep inside torch), or a documented,
+counted skip. The dataset-level behaviour of odd images is tests/test_data.py; here the images go
+through the tokenizer stage. Stages run at smoke size with 1 step (random-init tiny nets on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmvae_study.config import ExperimentConfig, preset
+from dmvae_study.configlib import ConfigError
+from dmvae_study.data import DatasetNotFoundError
+from dmvae_study.reference import ReferenceSet
+from dmvae_study.weights import MissingWeightsError
+from priors.registry import UnknownPriorError
+from priors.siglip_text import MissingCaptionsError
+from trainers import artifacts
+from trainers.launch import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["tokenizer.total_steps=1", "tokenizer.batch_size=4", "run.checkpoint_every=1", "run.log_every=1"]
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+def _folder(root: Path, classes=("a", "b"), per_class: int = 3) -> Path:
+    """`root/train/<class>/` with a few good 12x12 RGB PNGs per class."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+def _folder_cfg(tmp: Path, root: Path, *extra: str) -> ExperimentConfig:
+    return preset("smoke", [f"run.out_dir={tmp / 'out'}", "data.dataset=folder", f"data.root={root}",
+                            "data.resolution=16", "data.num_classes=2", *TINY, *extra])
+
+
+def _tokenizer_on(add: Callable[[Path], None], *extra: str) -> Callable[[Path], dict]:
+    """Tokenizer stage on a small good folder plus what `add(train_dir)` puts there."""
+    def run(tmp: Path) -> dict:
+        root = _folder(tmp / "data")
+        add(root / "train")
+        return run_pipeline(_folder_cfg(tmp, root, *extra), stages=["tokenizer"])["tokenizer"]
+    return run
+
+
+def _corrupt(train: Path) -> None:
+    (train / "a" / "garbage.png").write_bytes(b"not a png at all" * 20)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(train / "b" / "cut.jpg")
+    full = (train / "b" / "cut.jpg").read_bytes()
+    (train / "b" / "cut.jpg").write_bytes(full[: len(full) // 3])
+
+
+def _grey(train: Path) -> None:
+    for i in range(2):
+        Image.fromarray(np.full((10, 14), 60 * i, np.uint8), "L").save(train / "a" / f"grey{i}.png")
+
+
+def _cmyk(train: Path) -> None:
+    Image.new("CMYK", (20, 18), (0, 255, 0, 0)).save(train / "a" / "cmyk.jpg", quality=95)
+
+
+def _grey16(train: Path) -> None:
+    Image.fromarray(np.full((20, 24), 32896, np.uint16)).save(train / "b" / "grey16.png")
+
+
+def _tiny(train: Path) -> None:
+    Image.fromarray(np.full((2, 3, 3), 200, np.uint8)).save(train / "b" / "tiny.png")
+
+
+def _empty_class(train: Path) -> None:
+    (train / "c_empty").mkdir()
+
+
+def _missing_root(tmp: Path) -> Any:
+    cfg = _folder_cfg(tmp, tmp / "no-such-dataset")
+    return run_pipeline(cfg, stages=["tokenizer"])
+
+
+def _class_count_mismatch(tmp: Path) -> Any:
+    return run_pipeline(_folder_cfg(tmp, _folder(tmp / "data"), "data.num_classes=10"), stages=["tokenizer"])
+
+
+def _fmnist_cfg(tmp: Path, *extra: str) -> ExperimentConfig:
+    return preset("smoke", [f"run.out_dir={tmp / 'out'}", "data.train_limit=32", "data.val_limit=8", *TINY, *extra])
+
+
+def _resolution_30(tmp: Path) -> Any:
+    return run_pipeline(_fmnist_cfg(tmp, "data.resolution=30"), stages=["tokenizer"])
+
+
+def _head_none(tmp: Path) -> Any:
+    """Latents (4, 4, 4) against a token-shaped reference (4, 1, 8) with `dmd.head=none`."""
+    cfg = _fmnist_cfg(tmp, "dmd.head=none", "teacher.total_steps=1", "teacher.batch_size=8", "dmd.batch_size=4")
+    g = torch.Generator().manual_seed(0)
+    ReferenceSet.standardised(torch.randn(16, 8, 4, generator=g)).save(artifacts.reference(cfg), 64)  # (N, L, D)
+    return run_pipeline(cfg, stages=["tokenizer", "teacher", "dmd"])
+
+
+def _weights_missing(tmp: Path) -> Any:
+    cfg = _fmnist_cfg(tmp, "tokenizer.backbone=dinov2_vits14", "data.resolution=28", "run.allow_random_weights=false",
+                      f"run.weights_dir={tmp / 'empty-weights'}")
+    return run_pipeline(cfg, stages=["tokenizer"])
+
+
+def _unknown_prior_in_config(tmp: Path) -> Any:
+    return run_pipeline(_fmnist_cfg(tmp, "prior.name=nope"), stages=["reference"])
+
+
+def _captions_missing(tmp: Path) -> Any:
+    captions = tmp / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"id": i, "caption": f"a photo {i}"}) + "\n" for i in range(10)))
+    cfg = _fmnist_cfg(tmp, "prior.name=siglip_text", f"prior.captions={captions}", "prior.num_samples=null")
+    return run_pipeline(cfg, stages=["reference"])
+
+
+def _config_file_unknown_key(tmp: Path) -> Any:
+    d = preset("smoke").to_dict()
+    d["run"]["seeds"] = 3  # a typo in a saved / hand-written config
+    return ExperimentConfig.from_dict(d)
+
+
+def _table1(*argv: str) -> Callable[[Path], Any]:
+    """The Table 1 CLI in-process; Ray or a stage starting would fail the row (checked before any work)."""
+    def run(tmp: Path) -> Any:
+        import studies.common as common
+        import trainers.launch as launch
+        from studies import table1
+
+        def never(*a, **k):
+            raise AssertionError("Ray or a stage started on bad input")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(common, "init_ray", never)
+            mp.setattr(launch, "run_pipeline", never)
+            return table1.main([*argv, "--out", str(tmp / "out")])
+    return run
+
+
+def _table1_process(*argv: str) -> Callable[[Path], Any]:
+    """The Table 1 CLI as a user runs it: a process; a failure becomes SystemExit(rc) with its stderr."""
+    def run(tmp: Path) -> Any:
+        proc = subprocess.run([sys.executable, "studies/table1.py", *argv, "--out", str(tmp / "out")], cwd=ROOT,
+                              env={**os.environ, "RAY_TMPDIR": str(tmp / "ray")}, capture_output=True, text=True,
+                              timeout=180)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp / "ray").exists(), "Ray started on bad input"
+        if proc.returncode:
+            raise SystemExit(f"rc={proc.returncode}\n{proc.stderr}")
+        return proc.stdout
+    return run
+
+
+# ---- the table --------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    run: Callable[[Path], Any]                  # drives an entry point with the bad input
+    error: type[BaseException] | None           # expected exception; None: a documented counted skip
+    says: tuple[str, ...]                       # the message (or warnings) name the problem and the fix
+    check: Callable[[Any], bool] | None = None  # skips: what the result must show
+
+
+ROWS = [
+    Row("corrupt_and_truncated_images", _tokenizer_on(_corrupt), None,
+        ("skipping unreadable image", "garbage.png", "cut.jpg"), lambda s: s["skipped_images"] == 2),
+    Row("grayscale_images", _tokenizer_on(_grey), None, (), lambda s: s["skipped_images"] == 0),
+    Row("cmyk_jpeg", _tokenizer_on(_cmyk), None, (), lambda s: s["skipped_images"] == 0),
+    Row("16bit_png", _tokenizer_on(_grey16), None, (), lambda s: s["skipped_images"] == 0),
+    Row("tiny_2x3_image", _tokenizer_on(_tiny), None, (), lambda s: s["skipped_images"] == 0),
+    Row("empty_class_folder", _tokenizer_on(_empty_class, "data.num_classes=3"), None,
+        ("have no images", "c_empty"), lambda s: s["skipped_images"] == 0),
+    Row("dataset_path_missing", _missing_root, DatasetNotFoundError, ("no-such-dataset", "data.root=")),
+    Row("class_count_mismatch", _class_count_mismatch, ValueError, ("has 2 classes", "num_classes=10")),
+    Row("resolution_not_divisible_by_stride", _resolution_30, ValueError,
+        ("data.resolution=30", "encoder stride 8", "multiple of 8")),
+    Row("head_none_with_shape_mismatch", _head_none, ValueError, ("(4, 4, 4)", "(4, 1, 8)", "dmd.head")),
+    Row("batch_not_divisible_by_workers", _table1("--priors", "vae", "--set", "run.num_workers=3"), SystemExit,
+        ("batch_size=32 is not divisible by run.num_workers=3", "multiple of the workers")),
+    Row("unknown_prior_cli", _table1_process("--priors", "nope"), SystemExit,
+        ("rc=2", "unknown prior(s) nope", "choose from", "gaussian", "dinov2")),
+    Row("unknown_prior_in_config", _unknown_prior_in_config, UnknownPriorError,
+        ("unknown prior 'nope'", "registered priors", "gaussian")),
+    Row("captions_missing_entries", _captions_missing, MissingCaptionsError,
+        ("no caption for 22 of the 32", "first ids: 10, 11", "data.train_limit")),
+    Row("unknown_config_key_cli", _table1("--set", "tokenizer.nope=1"), SystemExit,
+        ("unknown config key tokenizer.nope", "valid keys here", "latent_channels")),
+    Row("unknown_section_cli", _table1("--set", "tokeniser.total_steps=1"), SystemExit,
+        ("unknown config key tokeniser", "tokenizer")),
+    Row("wrong_type_cli", _table1("--set", "teacher.total_steps=abc"), SystemExit,
+        ("teacher.total_steps", "expected int", "'abc'")),
+    Row("invalid_value_cli", _table1("--set", "dmd.cfg_scale=0.5"), SystemExit, ("cfg_scale", "must be >= 1")),
+    Row("unknown_key_in_config_file", _config_file_unknown_key, ConfigError, ("unknown config key run.seeds",
+                                                                             "valid keys", "seed")),
+    Row("weights_file_missing", _weights_missing, MissingWeightsError,
+        ("vit_small_patch14_dinov2.lvd142m.safetensors", "empty-weights", "python -m dmvae_study.weights fetch "
+         "dinov2_vits14", "run.weights_dir")),
+]
+
+
+def _raised_in_platform(excinfo: pytest.ExceptionInfo) -> None:
+    """The innermost frame is the platform's own check, not a library (torch, PIL) failing later."""
+    where = Path(str(excinfo.traceback[-1].path)).resolve()
+    assert ROOT in where.parents and ".venv" not in where.parts, f"raised deep inside a library: {where}"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_bad_input(row: Row, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    if row.error is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = row.run(tmp_path)
+        said = "\n".join(str(w.message) for w in caught)
+        assert all(s in said for s in row.says), said
+        assert row.check(result), result
+        return
+    with pytest.raises(row.error) as excinfo:
+        row.run(tmp_path)
+    message = str(excinfo.value) + "\n" + capsys.readouterr().err
+    if row.error is SystemExit:
+        code = excinfo.value.code
+        assert code not in (0, None), "a failed CLI must exit non-zero"
+        message += str(code)
+    else:
+        _raised_in_platform(excinfo)
+    missing = [s for s in row.says if s not in message]
+    assert not missing, f"message lacks {missing}:\n{message}"

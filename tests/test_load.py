@@ -1,0 +1,125 @@
+"""Load: a local Tune study of 40 tiny trials on 2 CPU cores completes without deadlock, in bounded memory.
+
+The study goes through `studies.common.run_tune` (the code every study script uses: local Ray start,
+one Tune trial per row, restore logic, the results DataFrame) with its trial driver `row_trial`
+replaced by a trivially small one, so the test measures the platform's orchestration rather than
+training. Trials reserve a quarter CPU each (8 run at once on 2 cores: more contention than a real
+study). Measured: the driver's peak RSS (getrusage and sampled), and the sampled peak total RSS of
+the local Ray cluster (every descendant process of the driver: GCS, raylet, trial workers).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+TRIALS = 40
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS of this process and of all its descendants (the local Ray cluster), every 0.25 s."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.driver_peak, self.cluster_peak, self.procs_peak = threading.Event(), 0.0, 0.0, 0
+
+    def run(self):
+        me = os.getpid()
+        while not self.stop.is_set():
+            self.driver_peak = max(self.driver_peak, _rss_mib(me))
+            kids = _descendants(me)
+            self.cluster_peak = max(self.cluster_peak, sum(_rss_mib(p) for p in kids))
+            self.procs_peak = max(self.procs_peak, len(kids))
+            self.stop.wait(0.25)
+
+
+def tiny_row(config: dict) -> None:
+    """A trial driver with `row_trial`'s contract: resolve the row's config, report one flat record."""
+    from ray import tune
+
+    from dmvae_study.config import ExperimentConfig
+    from dmvae_study.configlib import apply_overrides
+    t0 = time.time()
+    cfg = apply_overrides(ExperimentConfig.from_dict(config["experiment"]), config["row_overrides"][config["row"]])
+    tune.report({"row": config["row"], "seed": cfg.run.seed, "wall_s": time.time() - t0,
+                 "trial_rss_mib": _rss_mib(os.getpid())})
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, record_property):
+    import ray
+
+    import studies.common as common
+    from dmvae_study.config import preset
+    ray_tmp = tempfile.mkdtemp(prefix="ray-load-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    monkeypatch.setattr(common, "row_trial", tiny_row)
+    cfg = preset("smoke", [f"run.out_dir={tmp_path}", "run.name=load", "run.cpus_per_worker=0.25",
+                           "run.max_failures=0"])
+    rows = {f"seed{i:02d}": {"run.seed": i} for i in range(TRIALS)}
+    sampler = MemorySampler()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sampler.start()
+    t0 = time.time()
+    try:
+        df = common.run_tune(cfg, rows, None)
+        wall = time.time() - t0
+        node = ray._private.worker.global_worker.node
+        webui = node.address_info.get("webui_url")
+        concurrency = common.max_concurrency(cfg)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    peak_driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures = {"trials": TRIALS, "concurrency": concurrency, "wall_s": round(wall, 1),
+               "driver_maxrss_before_mib": round(rss0), "driver_maxrss_mib": round(peak_driver),
+               "driver_sampled_peak_mib": round(sampler.driver_peak), "cluster_peak_mib": round(sampler.cluster_peak),
+               "cluster_procs_peak": sampler.procs_peak,
+               "trial_rss_max_mib": round(float(df["trial_rss_mib"].max())) if len(df) else None}
+    for k, v in figures.items():
+        record_property(k, v)
+    print("\nload figures:", figures)
+
+    assert len(df) == TRIALS and sorted(df["seed"]) == list(range(TRIALS)), "trials lost or duplicated"
+    assert concurrency >= 2  # 8 on 2 cores at a quarter CPU per trial
+    assert not webui, f"local Ray exposes a dashboard at {webui}"  # security: dashboard off (bound to loopback)
+    # Bounded memory: the driver grows by little over 40 trials; the cluster stays far below the box's 24 GiB.
+    assert sampler.driver_peak - rss0 < 1024 or peak_driver < 2048, figures
+    assert sampler.cluster_peak < 8 * 1024, figures
