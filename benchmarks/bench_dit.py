@@ -17,7 +17,8 @@ FLOPs are counted on the meta device (no memory, any size) for the un-checkpoint
 `--grad-ckpt` shows its recompute as lower % of peak. `--count-only` prints the FLOP table and exits.
 
     python -m benchmarks.bench_dit --size tiny,Mini --batch 8 --steps 5           # CPU
-    python -m benchmarks.bench_dit --size XL --batch 256 --compile --steps 20     # one H100
+    python -m benchmarks.bench_dit --size XL --batch 32 --compile --steps 20      # one H100 (per-GPU batch)
+    python -m benchmarks.bench_dit --size XL --batch 256 --grad-ckpt --compile     # 256 fits only with ckpt
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def count_table(sizes: Sequence[str], latent: tuple[int, int, int], num_classes:
             n = sum(p.numel() for p in build_net(s, latent, num_classes, patch).parameters())
         rows.append({"size": s, "params": n, "fwd_gflop": fwd / 1e9, "train_gflop": train / 1e9,
                      "train_over_fwd": train / fwd, "analytic_fwd_gmac": dit_macs_analytic(s, tokens, c, patch) / 1e9})
-    print(f"| size | params | fwd GFLOP/img (FlopCounter) | fwd GMAC analytic | train GFLOP/img | train/fwd |")
+    print("| size | params | fwd GFLOP/img (FlopCounter) | fwd GMAC analytic | train GFLOP/img | train/fwd |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params']:,} | {r['fwd_gflop']:.2f} | {r['analytic_fwd_gmac']:.2f} | "
@@ -193,12 +194,14 @@ def count_table(sizes: Sequence[str], latent: tuple[int, int, int], num_classes:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--size", default=None, help="comma list of sizes (default: tiny on CPU, XL on CUDA)")
-    p.add_argument("--batch", type=int, default=None, help="batch per step (default: 8 on CPU, 256 on CUDA)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch per step (default: 8 on CPU, 32 on CUDA: the official per-GPU batch, 1024 over 32 "
+                        "GPUs; XL at 256 needs --grad-ckpt in 80 GB)")
     p.add_argument("--latent", default="32x16x16", help="latent CxHxW (paper: 32x16x16)")
     p.add_argument("--patch", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
-    p.add_argument("--mode", default="trainer", choices=["trainer", "lean"])
+    p.add_argument("--mode", default="trainer", help="trainer, lean, or trainer,lean (one row each, same process)")
     p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="what batch_indices permutes per step")
     p.add_argument("--count-only", action="store_true", help="print the FLOP table (meta device) and exit")
     args = p.parse_args(argv)
@@ -212,12 +215,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             from pathlib import Path
             Path(args.json).write_text(json.dumps({"flops": rows}, indent=1))
         return {"flops": rows}
-    batch = args.batch or (256 if device.type == "cuda" else 8)
+    batch = args.batch or (32 if device.type == "cuda" else 8)
     peak = matmul_peak(device, args.peak_n)
+    modes = split_list(args.mode)
+    if not modes or set(modes) - {"trainer", "lean"}:
+        p.error(f"--mode takes trainer, lean or both, got {args.mode!r}")
     results = [measure(s, batch=batch, latent=latent, num_classes=args.num_classes, patch=args.patch, device=device,
-                       precision=args.precision, compile=args.compile, grad_ckpt=args.grad_ckpt, mode=args.mode,
+                       precision=args.precision, compile=args.compile, grad_ckpt=args.grad_ckpt, mode=m,
                        dataset_size=args.dataset_size, seed=args.seed, steps=args.steps, warmup=args.warmup,
-                       peak=peak) for s in sizes]
+                       peak=peak) for s in sizes for m in modes]
     return report(results, device=device, peak_tflops=peak, json_path=args.json, argv=argv if argv is not None
                   else sys.argv[1:])
 

@@ -17,13 +17,14 @@ DiT training step (`bench_dit`, trainer mode) of the same size, batch and latent
 the same process. Target on one H100: <= 3x the DiT-L step.
 
     python -m benchmarks.bench_dmd --preset smoke --size tiny --batch 8 --steps 2              # CPU
-    python -m benchmarks.bench_dmd --preset imagenet256 --size L --batch 64 --cfg-scale 5 --steps 3
+    python -m benchmarks.bench_dmd --preset imagenet256 --size L --batch 32 --cfg-scale 5 --steps 3
 """
 
 from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -79,6 +80,8 @@ class DMDStep:
         self.opt_vae = adamw(self.vae.parameters(), d.lr, device, betas=(0.9, 0.95))
         self.opt_fake = adamw(self.fake.parameters(), d.fake_lr, device, betas=(0.9, 0.95))
         self.opt_d = adamw(self.disc.parameters(), d.lr, device, betas=(0.9, 0.95))
+        if hasattr(self.ctx, "channels_last"):  # the trainer's layout choice (channels_last on CUDA)
+            self.ctx.channels_last(tok.decoder, self.disc)
         self.ema = EMA(tok, t.ema_decay)
         self.ema.shadow.to(device)
         r = cfg.data.resolution
@@ -179,6 +182,41 @@ def measure(preset_name: str, size: str, *, batch: int, device: torch.device, pr
     return rows
 
 
+def count_only(preset_name: str, size: str, *, cfg_scale: float, vae_every: int, lpips: bool | None,
+               overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Per-image model FLOPs of the DMD step and its parts, counted on the meta device (any size, no
+    memory): the two kinds of step, the cycle average, the DiT step of the same size, and components."""
+    meta = torch.device("meta")
+    with meta, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pretrained tensors loaded into meta params: no-ops
+        b = DMDStep(preset_name, size, batch=1, device=meta, precision="fp32", cfg_scale=cfg_scale,
+                    vae_every=vae_every, lpips=lpips, seed=0, overrides=overrides)
+    b.ctx.finite_or_skip = lambda loss: True  # a meta tensor has no value to read
+    vae_step, other_step = count_flops(b.step), count_flops(b.step)
+    latent, nc = b.latent, b.num_classes
+    img = b.img_pool[:1]
+    with torch.no_grad():
+        enc = count_flops(lambda: b.tok.encode(img))
+        dec = count_flops(lambda: b.tok.decode(torch.zeros(1, *latent, device=meta)))
+    out = {"vae_turn_step": vae_step, "fake_only_step": other_step,
+           "cycle_avg_step": (vae_step + (vae_every - 1) * other_step) / vae_every,
+           "dit_train_step": bench_dit.dit_flops(size, 1, latent, nc),
+           "dm_score_passes": 2 * bench_dit.dit_flops(size, 1, latent, nc, train=False, cfg=cfg_scale > 1),
+           "encoder_fwd": enc, "decoder_fwd": dec}
+    if b.rloss.lpips_module is not None:
+        with torch.no_grad():
+            out["lpips_fwd_pair"] = count_flops(lambda: b.rloss.lpips_module(img, img))
+    with torch.no_grad():
+        out["disc_fwd"] = count_flops(lambda: b.disc(img))
+    print(f"DMD step FLOPs per image ({preset_name}, score nets {size}, CFG {cfg_scale:g}, k={vae_every}):")
+    print("| part | GFLOP/img |\n|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v / 1e9:.1f} |")
+    out["ratio_cycle_to_dit"] = out["cycle_avg_step"] / out["dit_train_step"]
+    print(f"| FLOP ratio (cycle average / DiT step) | {out['ratio_cycle_to_dit']:.2f} |")
+    return out
+
+
 def cfg_classes(preset_name: str) -> int:
     return preset(preset_name).data.num_classes
 
@@ -188,24 +226,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--preset", default=None, help="tokenizer / data preset: smoke (CPU default), fmnist, imagenet256 "
                                                   "(CUDA default)")
     p.add_argument("--size", default=None, help="score-net size (default: tiny on CPU, L on CUDA)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 on CPU, 64 on CUDA)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch per step (default: 8 on CPU, 32 on CUDA: the paper's 256 over 8 GPUs)")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="CFG on both scores in the DM loss (1 = off)")
     p.add_argument("--vae-every", type=int, default=5, help="k: a VAE turn every k steps (App. A.3)")
     p.add_argument("--lpips", default=None, choices=["on", "off"], help="LPIPS term (default: as the preset)")
     p.add_argument("--no-dit", action="store_true", help="skip the DiT-step reference row")
     p.add_argument("--no-count", action="store_true", help="skip the FLOP-counting cycle")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more preset overrides")
+    p.add_argument("--count-only", action="store_true", help="FLOPs per image on the meta device, no timing")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps counts whole cycles and must be >= 1")
     device = setup(args)
     cuda = device.type == "cuda"
-    preset_name = args.preset or ("imagenet256" if cuda else "smoke")
-    size = args.size or ("L" if cuda else "tiny")
-    batch = args.batch or (64 if cuda else 8)
+    preset_name = args.preset or ("imagenet256" if cuda or args.count_only else "smoke")
+    size = args.size or ("L" if cuda or args.count_only else "tiny")
+    lpips = None if args.lpips is None else args.lpips == "on"
+    if args.count_only:
+        return {"flops": count_only(preset_name, size, cfg_scale=args.cfg_scale, vae_every=args.vae_every,
+                                    lpips=lpips, overrides=args.set)}
+    batch = args.batch or (32 if cuda else 8)
     peak = matmul_peak(device, args.peak_n)
     rows = measure(preset_name, size, batch=batch, device=device, precision=args.precision, cfg_scale=args.cfg_scale,
-                   vae_every=args.vae_every, lpips=None if args.lpips is None else args.lpips == "on",
+                   vae_every=args.vae_every, lpips=lpips,
                    compile=args.compile, seed=args.seed, steps=args.steps, warmup=args.warmup, peak=peak,
                    count=not args.no_count, with_dit=not args.no_dit, overrides=args.set)
     return report(rows, device=device, peak_tflops=peak, json_path=args.json,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -68,8 +69,7 @@ def measure(*, backbone: str, dataset: str, root: str | None, make_jpegs: int, r
         opts = {"resolution": resolution, "channels": 3, "hflip": False}
         if dataset == "synthetic":
             opts["n"] = batch * (steps + warmup + 1)
-        ds = build_dataset(dataset, "train", root=root, **opts) if dataset != "synthetic" else \
-            build_dataset(dataset, "train", **opts)
+        ds = build_dataset(dataset, "train", root=root, **opts)
         cuda = device.type == "cuda"
 
         def loader():
@@ -135,12 +135,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--patch", type=int, default=16, help="DINOv2 patch size (paper: 16 at 256 px)")
     p.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 256 on CUDA")
     p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--count-only", action="store_true", help="forward FLOPs per image on the meta device")
     args = p.parse_args(argv)
     device = setup(args)
     cuda = device.type == "cuda"
     backbone = args.backbone or ("dinov2_vitl14" if cuda else "dinov2_vits14")
     resolution = args.resolution or (256 if backbone.startswith("dinov2") else 224)
     batch = args.batch or (256 if cuda else 16)
+    if args.count_only:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pretrained tensors loaded into meta params: no-ops
+            net = build_net(backbone, resolution, args.patch, torch.device("meta"))
+            x = torch.zeros(1, 3, resolution, resolution)
+        with torch.no_grad():
+            flops = count_flops(lambda: net(x))
+        print(f"{backbone} at {resolution} px (patch {args.patch} for ViTs): {flops / 1e9:.2f} GFLOP per image forward")
+        return {"flops": {"backbone": backbone, "resolution": resolution, "fwd_flops": flops}}
     peak = matmul_peak(device, args.peak_n)
     rows = measure(backbone=backbone, dataset=args.dataset, root=args.root, make_jpegs=args.make_jpegs,
                    resolution=resolution, patch=args.patch, batch=batch, loader_workers=args.loader_workers,

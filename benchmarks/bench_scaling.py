@@ -125,7 +125,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         pos += steps
     out = {"step_s": statistics.median(group_s), "rounds_s": group_s, "world": ctx.world, "threads": threads,
            "device": ctx.device.type, "niceness": os.nice(0),
-           "solo": {str(k): statistics.median(v) for k, v in solo_s.items() if v}}
+           "solo": {str(k): statistics.median(v) for k, v in solo_s.items() if v},
+           "solo_rounds_s": {str(k): v for k, v in solo_s.items() if v}}
     if config["ray"]:
         _report(out, ctx.is_main)
     return out
@@ -156,13 +157,13 @@ def run_ray(config: dict[str, Any], workers: int, cpus_per_worker: float, use_gp
         ray.init(include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    storage = tempfile.mkdtemp(prefix="bench-scaling-")
-    trainer = TorchTrainer(worker_loop, train_loop_config={**config, "ray": True},
-                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                                        resources_per_worker=resources),
-                           run_config=RunConfig(name=f"bench-scaling-{workers}w", storage_path=storage))
-    return dict(trainer.fit().metrics)
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-", ignore_cleanup_errors=True) as storage:
+        trainer = TorchTrainer(worker_loop, train_loop_config={**config, "ray": True},
+                               torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                            resources_per_worker=resources),
+                               run_config=RunConfig(name=f"bench-scaling-{workers}w", storage_path=storage))
+        return dict(trainer.fit().metrics)
 
 
 def measure(*, size: str, latent: tuple[int, int, int], num_classes: int, workers: int, batch_per_worker: int,
@@ -200,6 +201,11 @@ def measure(*, size: str, latent: tuple[int, int, int], num_classes: int, worker
                   "rounds_ms": [round(s * 1e3, 1) for s in multi.get("rounds_s", [])]})
     for b in rows:
         row.extra[f"speedup_vs_1w_{b.extra['threads']}thr"] = round(row.images_per_s / b.images_per_s, 3)
+    # interleaved: the speed-up within each round (same background load), the least noisy figure
+    group_rounds = multi.get("rounds_s", [])
+    for k, solo_rounds in (multi.get("solo_rounds_s") or {}).items():
+        row.extra[f"round_speedups_vs_1w_{k}thr"] = [round((gb_multi / g) / (gb_one / s1), 3)
+                                                     for g, s1 in zip(group_rounds, solo_rounds)]
     return [*rows, row]
 
 

@@ -2,8 +2,9 @@
 backbone + trainable projector) + Flux-style decoder, L1 (+ LPIPS) + PatchGAN generator loss with the
 adaptive weight, AdamW, EMA, then the discriminator step (hinge + DiffAugment + bCR).
 
-`--channels-last` puts the conv networks (encoder, decoder, PatchGAN, LPIPS) and the images in
-`torch.channels_last` (cuDNN's native NHWC layout for bf16 convs on tensor cores). `--no-gan`
+`--channels-last` puts the decoder and the PatchGAN in `torch.channels_last` (cuDNN's native NHWC
+layout for bf16 convs on tensor cores), as `StageContext.channels_last` does in the trainers on CUDA;
+here it applies on any device so the CPU can compare both layouts. `--no-gan`
 measures the steps before `disc_start` (no discriminator). Images are random tensors on the
 device; `--preset imagenet256` uses a random-init DINOv2-L/16 at 256 px and a random-trunk LPIPS
 VGG (the FLOPs of the real run, not its weights).
@@ -15,6 +16,7 @@ VGG (the FLOPs of the real run, not its weights).
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Sequence
 
 import torch
@@ -53,12 +55,9 @@ class TokenizerStep:
         r = cfg.data.resolution
         g = torch.Generator().manual_seed(seed)
         self.img = (torch.rand(batch, 3, r, r, generator=g) * 2 - 1).to(device)
-        if channels_last:
-            fmt = torch.channels_last
-            for m in (self.tok, self.disc, lp):
-                if m is not None:
-                    m.to(memory_format=fmt)
-            self.img = self.img.contiguous(memory_format=fmt)
+        if channels_last:  # what StageContext.channels_last does on CUDA, here on any device
+            for m in (self.tok.decoder, self.disc):
+                m.to(memory_format=torch.channels_last)
         self.latent = latent_shape(cfg)
 
     def step(self) -> None:
@@ -102,6 +101,27 @@ def measure(preset_name: str, *, batch: int, device: torch.device, precision: st
                    "min_ms": round(min(secs) * 1e3, 2)})
 
 
+def count_only(preset_name: str, *, gan: bool, lpips: bool | None) -> dict[str, float]:
+    """Per-image model FLOPs of the tokenizer step and its parts, on the meta device (no memory)."""
+    meta = torch.device("meta")
+    with meta, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pretrained tensors loaded into meta params: no-ops
+        b = TokenizerStep(preset_name, batch=1, device=meta, precision="fp32", channels_last=False, gan=gan,
+                          lpips=lpips, seed=0)
+    b.ctx.finite_or_skip = lambda loss: True  # a meta tensor has no value to read
+    out = {"train_step": count_flops(b.step)}
+    with torch.no_grad():
+        out["encoder_fwd"] = count_flops(lambda: b.tok.encode(b.img))
+        out["decoder_fwd"] = count_flops(lambda: b.tok.decode(torch.zeros(1, *b.latent, device=meta)))
+        if b.rloss.lpips_module is not None:
+            out["lpips_fwd_pair"] = count_flops(lambda: b.rloss.lpips_module(b.img, b.img))
+        out["disc_fwd"] = count_flops(lambda: b.disc(b.img))
+    print(f"Tokenizer step FLOPs per image ({preset_name}, gan={gan}):\n| part | GFLOP/img |\n|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v / 1e9:.1f} |")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = base_parser(__doc__.split("\n")[0], compile_flag=False)
     p.add_argument("--preset", default=None, help="smoke (CPU default), fmnist, imagenet256 (CUDA default)")
@@ -110,10 +130,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="memory format of the conv nets; both: one row each")
     p.add_argument("--no-gan", action="store_true", help="before disc_start: no PatchGAN terms")
     p.add_argument("--lpips", default=None, choices=["on", "off"], help="LPIPS term (default: as the preset)")
+    p.add_argument("--count-only", action="store_true", help="FLOPs per image on the meta device, no timing")
     args = p.parse_args(argv)
     device = setup(args)
     cuda = device.type == "cuda"
-    preset_name = args.preset or ("imagenet256" if cuda else "smoke")
+    preset_name = args.preset or ("imagenet256" if cuda or args.count_only else "smoke")
+    if args.count_only:
+        return {"flops": count_only(preset_name, gan=not args.no_gan,
+                                    lpips=None if args.lpips is None else args.lpips == "on")}
     batch = args.batch or (32 if cuda else 8)
     peak = matmul_peak(device, args.peak_n)
     layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from benchmarks import bench_dit, bench_dmd, bench_features, bench_sampling, bench_scaling, bench_tokenizer
 from benchmarks.common import Result, count_flops, format_table, matmul_peak, time_calls
 
-CPU = ["--device", "cpu", "--peak-n", "64", "--warmup", "0"]
+CPU = ["--device", "cpu", "--peak-n", "64", "--warmup", "0", "--threads", "1"]  # 1 thread: robust on shared cores
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`--threads` sets the process-wide torch thread count; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _check_rows(blob: dict, n: int, bench: str | None = None) -> list[dict]:
@@ -92,8 +100,10 @@ def test_bench_dit_trainer_and_lean(tmp_path):
     (row,) = _check_rows(blob, 1, "dit_train")
     assert row["config"].startswith("tiny/1 32x16x16 fp32")
     assert json.loads(out.read_text())["rows"][0]["batch"] == 2
-    lean = bench_dit.main(["--size", "tiny", "--batch", "2", "--steps", "1", "--mode", "lean", "--grad-ckpt", *CPU])
-    assert "ckpt lean" in _check_rows(lean, 1)[0]["config"]
+    both = bench_dit.main(["--size", "tiny", "--batch", "2", "--steps", "1", "--mode", "trainer,lean", "--grad-ckpt",
+                           *CPU])
+    trainer, lean = _check_rows(both, 2)
+    assert "lean" not in trainer["config"] and "ckpt lean" in lean["config"]
 
 
 def test_bench_dit_count_only():
@@ -143,16 +153,19 @@ def test_bench_sampling_extrapolates():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_bench_scaling_two_ray_workers(tmp_path, monkeypatch):
+def test_bench_scaling_two_ray_workers(monkeypatch):
     """2 Ray Train workers (gloo DDP) against rank 0 alone; harness only (under 90 s on 2 cores)."""
+    import shutil
     import tempfile
     ray = pytest.importorskip("ray")
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short socket paths
+    ray_dir = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", ray_dir)
     try:
         blob = bench_scaling.main(["--size", "tiny", "--latent", "4x4x4", "--batch-per-worker", "2", "--steps", "1",
                                    "--rounds", "1", "--baseline-threads", "1", *CPU])
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     solo, multi = _check_rows(blob, 2, "scaling")
     assert multi["batch"] == 2 * solo["batch"]
     assert multi["extra"]["speedup_vs_1w_1thr"] > 0

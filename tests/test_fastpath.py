@@ -11,12 +11,10 @@ needs ~40 s of C++ compilation on 2 cores: set DMVAE_TEST_INDUCTOR=1 to include 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmvae_study.models.decoder import Decoder
@@ -25,6 +23,16 @@ from dmvae_study.models.lightningdit import build_lightningdit
 from dmvae_study.objectives.flow import FlowMatchingLoss
 
 B, LATENT, CLASSES, STEPS = 8, (4, 8, 8), 10, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for every run here (reference included): fast on shared cores, and the
+    comparisons do not depend on how a reduction is split between threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _dit(grad_ckpt: bool = False) -> torch.nn.Module:
