@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from dmvae_study.reference import ReferenceSet
+from dmvae_study.report import tsne_embed  # one t-SNE recipe, shared with the report
 
-PCA_DIM = 50
 
 
 def select(y: torch.Tensor | None, n: int, n_per_class: int, classes: int, seed: int = 0) -> torch.Tensor:
@@ -38,16 +38,6 @@ def select(y: torch.Tensor | None, n: int, n_per_class: int, classes: int, seed:
         idx.append(members[torch.randperm(len(members), generator=g)[:n_per_class]])
     return torch.cat(idx).sort().values
 
-
-def tsne_embed(x: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """`(M, ...)` samples -> `(M, 2)` t-SNE coordinates."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-    f = x.reshape(x.shape[0], -1).double().numpy()
-    if f.shape[1] > PCA_DIM and f.shape[0] > PCA_DIM:
-        f = PCA(PCA_DIM, random_state=seed).fit_transform(f)
-    perplexity = float(min(30.0, max(2.0, (f.shape[0] - 1) / 3)))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(f)
 
 
 def plot_tsne(data: ReferenceSet | torch.Tensor, out: str | Path | None, labels: torch.Tensor | None = None,
