@@ -315,3 +315,16 @@ def image_batches(ctx: StageContext, dataset, global_batch: int, start: int, tot
         pin_memory=ctx.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
     for img, y in loader:
         yield img.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+
+
+def apply_update(ctx: StageContext, step: int, loss: torch.Tensor, opt: torch.optim.Optimizer,
+                 stats: dict[str, Any]) -> bool:
+    """The guarded optimiser step every loop shares: skip (and count) a non-finite loss, else
+    backward, step and log `stats`. Returns whether the update was applied."""
+    if not ctx.finite_or_skip(loss):
+        return False
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ctx.log(step, stats)
+    return True

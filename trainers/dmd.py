@@ -27,7 +27,8 @@ from dmvae_study.objectives.flow import annealed_t_max, sample_t
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch, save_torch
 from trainers import artifacts
-from trainers.common import EMA, StageContext, adamw, as_experiment, image_batches, progress, resume, save
+from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
+                             resume, save)
 from trainers.tokenizer import build_discriminator, build_recon_loss, finish_tokenizer
 
 
@@ -137,11 +138,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
             if d.gan:
                 with ctx.autocast():
                     d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach())
-                if ctx.finite_or_skip(d_loss):
-                    opt_d.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    opt_d.step()
-                    ctx.log(step, d_stats)
+                apply_update(ctx, step, d_loss, opt_d, d_stats)
             x_fake = x.detach()
         else:
             with torch.no_grad(), ctx.autocast():

@@ -14,7 +14,8 @@ from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import build_dataset
 from dmvae_study.store import load_torch
 from trainers import artifacts
-from trainers.common import EMA, StageContext, adamw, as_experiment, image_batches, progress, resume, save
+from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
+                             resume, save)
 from trainers.tokenizer import build_discriminator, build_recon_loss, finish_tokenizer
 
 
@@ -60,11 +61,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
             ctx.log(step, stats)
         with ctx.autocast():
             d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach())
-        if ctx.finite_or_skip(d_loss):
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            ctx.log(step, d_stats)
+        apply_update(ctx, step, d_loss, opt_d, d_stats)
         if (step + 1) % run.log_every == 0 or step + 1 == r.total_steps:
             ctx.flush(step + 1, art, r.batch_size)
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == r.total_steps:

@@ -19,7 +19,8 @@ from dmvae_study.models.discriminator import NLayerDiscriminator
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
 from dmvae_study.store import save_torch
 from trainers import artifacts
-from trainers.common import (EMA, StageContext, adamw, as_experiment, image_batches, progress, resume, save,
+from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
+                             resume, save,
                              unwrap)
 
 
@@ -118,11 +119,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
             disc.train()
             with ctx.autocast():
                 d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach(), generator=g)
-            if ctx.finite_or_skip(d_loss):
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                ctx.log(step, d_stats)
+            apply_update(ctx, step, d_loss, opt_d, d_stats)
         if (step + 1) % run.log_every == 0 or step + 1 == t.total_steps:
             ctx.flush(step + 1, art, gb)
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == t.total_steps:
