@@ -178,6 +178,7 @@ class RunConfig(Section):
     weights_dir: str | None = field(None, doc="pretrained weights dir (None: $DMVAE_WEIGHTS_DIR or ~/.cache)")
     allow_random_weights: bool = field(False, doc="run backbones random-init when weights are missing (labelled)")
     seed: int = field(0, doc="global seed")
+    ema_warmup: bool = field(True, doc="EMA decay min(decay, (1+n)/(10+n)) over the first updates; False: plain EMA")
     num_workers: int = field(1, doc="Ray Train workers per stage")
     use_gpu: bool = field(False, doc="one GPU per Ray Train worker")
     cpus_per_worker: float = field(0.9, doc="CPU reserved per Ray Train worker")
@@ -242,7 +243,8 @@ def _smoke() -> ExperimentConfig:
 
 def _fmnist() -> ExperimentConfig:
     """A real small study: all of Fashion-MNIST at 32 px, 8x8x8 latents, tiny score nets and real
-    offline features (EfficientNet-Lite0, MiniLM); about an hour per row on 2 CPU cores."""
+    offline features (EfficientNet-Lite0, MiniLM); about 2.5-3 hours for two rows side by side on
+    2 CPU cores (estimated from the step rates of a measured shortened run, README)."""
     return ExperimentConfig.from_dict({
         "data": {"dataset": "fmnist", "resolution": 32, "channels": 3, "val_limit": 2000},
         "tokenizer": {"backbone": "small_conv", "encoder_stride": 4, "encoder_width": 32, "latent_channels": 8,

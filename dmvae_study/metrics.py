@@ -90,9 +90,19 @@ class FIDExtractor:
     fn: Callable[[torch.Tensor], torch.Tensor]
     probs: Callable[[torch.Tensor], torch.Tensor] | None = None     # class probabilities, for IS
     weights_source: str = ""
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None      # features -> probs, when the classifier sits on them
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+    def features_and_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FID features and IS probabilities of one batch; one trunk pass when `head` is set."""
+        feats = self.fn(x)
+        if self.head is not None:
+            return feats, self.head(feats)
+        if self.probs is None:
+            raise ValueError(f"extractor {self.name!r} has no classifier head for IS")
+        return feats, self.probs(x)
 
 
 def fid_extractor(name: str, device: str | torch.device = "cpu",
@@ -116,7 +126,8 @@ def fid_extractor(name: str, device: str | torch.device = "cpu",
         from dmvae_study.backbones import build_backbone
         bb = build_backbone("efficientnet_lite0", weights_dir=weights_dir).fuse_bn_().to(device)
         return FIDExtractor("lite0", 224, lambda x: bb.pooled(x / 127.5 - 1.0),
-                            lambda x: bb.logits(x / 127.5 - 1.0).softmax(-1), bb.weights_source)
+                            lambda x: bb.logits(x / 127.5 - 1.0).softmax(-1), bb.weights_source,
+                            head=lambda f: bb.net._fc(f).softmax(-1))
     raise ValueError(f"unknown extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -143,7 +144,7 @@ def test_foreach_ema_matches_trainer_ema():
     `trainers.common.EMA.update` (a state_dict walk, one lerp per tensor)."""
     from trainers.common import EMA
     net = _dit()
-    ema_a, ema_b = EMA(net, 0.99), EMA(net, 0.99)
+    ema_a, ema_b = EMA(net, 0.99, warmup=False), EMA(net, 0.99, warmup=False)
     src = list(net.parameters())
     dst = list(ema_b.shadow.parameters())
     for i in range(3):
@@ -155,6 +156,33 @@ def test_foreach_ema_matches_trainer_ema():
             torch._foreach_lerp_(dst, src, 1.0 - ema_b.decay)
     for (k, a), b in zip(ema_a.shadow.state_dict().items(), ema_b.shadow.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)  # buffers (fixed tables) never change
+
+
+def test_ema_warmup_closed_form_and_checkpoint():
+    """Warmup decay min(d, (1+n)/(10+n)): with the online weights jumped from 0 to 1 and held, the
+    shadow is 1 - prod(decays) (float64 recomputation); `updates` survives a checkpoint round trip,
+    so a resumed run continues the same schedule; warmup=False is the plain EMA."""
+    from trainers.common import EMA, checkpoint_state, restore_state
+    net = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema, plain = EMA(net, 0.999), EMA(net, 0.999, warmup=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(50):
+        ema.update(net)
+        plain.update(net)
+    kept = np.prod([min(0.999, (1 + n) / (10 + n)) for n in range(50)], dtype=np.float64)
+    assert float(ema.shadow.weight[0, 0]) == pytest.approx(1 - kept, rel=1e-6)
+    assert float(plain.shadow.weight[0, 0]) == pytest.approx(1 - 0.999 ** 50, rel=1e-5)
+    assert kept < 1e-6 < 0.999 ** 50  # short runs: the initial weights are gone with warmup only
+    state = checkpoint_state({"ema": ema})
+    resumed = EMA(net, 0.999)
+    restore_state({"ema": resumed}, state)
+    assert resumed.updates == 50 and resumed.current_decay() == ema.current_decay()
+    assert EMA(net, 0.999).current_decay() == pytest.approx(0.1)
+    big = EMA(net, 0.999)
+    big.updates = 10_000
+    assert big.current_decay() == 0.999  # the cap binds in long runs
 
 
 def _train_decoder(channels_last: bool, steps: int = 4) -> torch.Tensor:

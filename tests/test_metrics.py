@@ -74,6 +74,11 @@ def test_lite0_features_and_is_run_offline():
     assert f.shape == (4, 1280) and np.isfinite(f).all()
     is_mean, _ = M.compute_inception_score(x, ex, batch_size=4, splits=1)
     assert 1.0 <= is_mean <= 4.0
+    # One trunk pass for both (the evaluation stage's path) equals the two separate passes.
+    img = torch.rand(2, 3, 224, 224) * 255
+    feats, probs = ex.features_and_probs(img)
+    torch.testing.assert_close(feats, ex(img), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, ex.probs(img), rtol=1e-5, atol=1e-6)
     assert M.metric_name("gfid", "lite0") == "gfid_lite0" and M.metric_name("rfid", "inception") == "rfid_inception"
 
 

@@ -12,7 +12,7 @@ from dmvae_study.store import ArtifactDir, config_digest
 from trainers.common import store_of
 
 BASELINE_ROWS = ("vae", "vavae")
-RUN_KEYS = ("seed", "allow_random_weights")  # run fields that change results (not workers, paths)
+RUN_KEYS = ("seed", "allow_random_weights", "ema_warmup")  # run fields that change results (not workers, paths)
 
 
 def _run(cfg: ExperimentConfig) -> dict:

@@ -101,7 +101,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     opt_d = adamw(disc.parameters(), d.lr, ctx.device, betas=(0.9, 0.95))
     ctx.channels_last(tok.decoder, disc)
     vae_w, fake_w, disc_w = ctx.wrap(vae), ctx.wrap(fake), ctx.wrap(disc)
-    ema = EMA(tok, cfg.tokenizer.ema_decay)
+    ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
     state = {"vae": vae, "fake": fake, "disc": disc, "ema": ema, "opt_vae": opt_vae, "opt_fake": opt_fake,
              "opt_d": opt_d}

@@ -6,6 +6,7 @@ reconstruction and sample grids as PNG. Every FID-type figure is named by its fe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -50,6 +51,11 @@ class Features:
     @torch.no_grad()
     def probs(self, img: torch.Tensor) -> torch.Tensor:
         return self.ext.probs(self._prep(img)).float()
+
+    @torch.no_grad()
+    def features_and_probs(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, probs = self.ext.features_and_probs(self._prep(img))
+        return feats.float(), probs.float()
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
@@ -122,15 +128,18 @@ def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok
     g = torch.Generator().manual_seed(cfg.run.seed + seed_offset)
     out: dict[str, list] = {"features": [], "probs": [], "labels": [], "latents": []}
     grid = None
-    for start in range(0, n, ev.batch_size):
+    from tqdm.auto import tqdm
+    for start in tqdm(range(0, n, ev.batch_size), desc=f"{ctx.stage}: {n} samples", leave=False,
+                      disable=os.environ.get("DMVAE_NO_PROGRESS") == "1" or not ctx.is_main):
         b = min(ev.batch_size, n - start)
         y = torch.randint(0, cfg.data.num_classes, (b,), generator=g)
         noise = torch.randn((b, *shape), generator=g)
         with ctx.autocast():
             z = sampler(net, noise.to(dev), y.to(dev), generator=g).float()
             img = tok.decode(tok.denormalize(z)).float().clamp(-1, 1)
-        out["features"].append(ext.features(img).cpu())
-        out["probs"].append(ext.probs(img).cpu())
+        feats, probs = ext.features_and_probs(img)
+        out["features"].append(feats.cpu())
+        out["probs"].append(probs.cpu())
         out["labels"].append(y)
         out["latents"].append(z.flatten(1).cpu())
         grid = img[: ev.grid_images].cpu() if grid is None else grid

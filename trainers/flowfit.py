@@ -29,7 +29,7 @@ def fit_flow_model(
     """
     run = ctx.cfg.run
     net = build_dit(dcfg, tuple(x_all.shape[1:]), num_classes)
-    ema = EMA(net, dcfg.ema_decay)
+    ema = EMA(net, dcfg.ema_decay, run.ema_warmup)
     opt = adamw(net.parameters(), dcfg.lr, ctx.device, betas=(0.9, 0.95))
     net_w = ctx.wrap(net)
     if run.compile:  # optional: fuses the DiT's elementwise work around the flash-attention kernels

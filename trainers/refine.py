@@ -38,7 +38,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     opt_d = adamw(disc.parameters(), r.lr, ctx.device, betas=(0.9, 0.95))
     ctx.channels_last(tok.decoder, disc)
     dec_w, disc_w = ctx.wrap(tok.decoder), ctx.wrap(disc)
-    ema = EMA(tok, cfg.tokenizer.ema_decay)
+    ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
     state = {"tok": tok, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
     start = resume(ctx, art, state)

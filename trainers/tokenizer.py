@@ -88,7 +88,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     opt_d = adamw(disc.parameters(), t.lr, ctx.device, betas=(0.9, 0.95))
     ctx.channels_last(tok.decoder, disc)
     model_w, disc_w = ctx.wrap(model), ctx.wrap(disc)
-    ema = EMA(tok, t.ema_decay)
+    ema = EMA(tok, t.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
     state = {"model": model, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
     start = resume(ctx, art, state)
