@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dmvae_study.build import load_tokenizer
 from dmvae_study.config import ExperimentConfig, preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
@@ -70,15 +71,24 @@ def test_dmd_two_workers_equal_one_worker(tmp_path):
     two = one.replace(run=one.run.replace(num_workers=2))
     _prepare_dmd(one)
     _dmd(one.to_dict())
-    a = load_torch(artifacts.dmd(one).file("tokenizer.pt"))["state"]
+    tok_a = load_tokenizer(artifacts.dmd(one))
     fa = load_torch(artifacts.dmd(one).file("fake.pt"))
     artifacts.dmd(one).clear()  # same artifact key (workers are not part of it): rerun with 2 workers
     run_distributed(_dmd, 2, two.to_dict())
-    b = load_torch(artifacts.dmd(two).file("tokenizer.pt"))["state"]
+    tok_b = load_tokenizer(artifacts.dmd(two))
     fb = load_torch(artifacts.dmd(two).file("fake.pt"))
-    for x, y in ((a, b), (fa, fb)):
-        worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in x if x[k].dtype.is_floating_point)
-        assert worst < 1e-4, f"parameters differ by {worst}"
+    worst = max(float((fa[k].float() - fb[k].float()).abs().max()) for k in fa if fa[k].dtype.is_floating_point)
+    assert worst < 1e-4, f"fake score net parameters differ by {worst}"
+    # The VAE is compared as a function. Its last decoder level's conv biases feed only per-channel
+    # GroupNorms (one channel per group at ch=16), so their exact gradient is 0; Adam's first steps
+    # move every parameter by about +-lr whatever the gradient's size, so those biases follow the sign
+    # of float round-off (1e-3 apart here) and change neither latents nor reconstructions.
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        za, zb = tok_a.encode(x), tok_b.encode(x)
+        ra, rb = tok_a.decode(za), tok_b.decode(za)
+    torch.testing.assert_close(zb, za, rtol=1e-4, atol=1e-6, msg="latents differ")  # latents are ~1e-2 in size
+    torch.testing.assert_close(rb, ra, rtol=0, atol=1e-4, msg="reconstructions differ")
 
 
 @pytest.mark.slow
