@@ -8,7 +8,7 @@ Two step variants:
   own helpers: `StageContext.batch_indices` (a permutation of the whole dataset, `--dataset-size`,
   ImageNet's 1,281,167 by default), a gather from a CPU latent pool and a pageable host-to-device copy,
   t / eps / label drops drawn on a CPU generator and copied, `StageContext.finite_or_skip` (one
-  `.item()` host sync per step), `clip_grad_norm_`, `trainers.common.adamw` (fused on CUDA) and
+  `.item()` host sync per step), `clip_grad_norm_`, `trainers.common.Optim` (AdamW, fused on CUDA) and
   `trainers.common.EMA.update` (a `state_dict()` walk and one `lerp_` per tensor).
 - `--mode lean`: the same math with the host work removed (latents, t, eps, drops drawn on the device,
   no per-step sync, EMA as one `torch._foreach_lerp_`): what BENCHMARKS.md recommends for the trainer.
@@ -79,15 +79,20 @@ def dit_macs_analytic(size: str, tokens: int, in_channels: int = 32, patch: int 
 
 
 class _StepState:
-    """A DiT with its optimiser and EMA, and a training step as the trainer (or the lean variant) runs it."""
+    """A DiT with its optimiser and EMA. `trainer` mode runs the stage's own step (`trainers.flowfit.step`,
+    the teacher / stage-2 loop body) with the trainer's batch indexing; `lean` is a minimal loop for comparison."""
 
     def __init__(self, size: str, *, batch: int, latent: tuple[int, int, int], num_classes: int, patch: int,
                  device: torch.device, precision: str, compile: bool, grad_ckpt: bool, mode: str,
                  dataset_size: int, seed: int):
-        from trainers.common import EMA, StageContext, adamw
+        from dmvae_study.config import TeacherConfig
+        from trainers.common import EMA, Optim, StageContext
+        from trainers.flowfit import FlowState
         self.device, self.precision, self.batch, self.latent, self.mode = device, precision, batch, latent, mode
         self.net = build_net(size, latent, num_classes, patch, grad_ckpt, device)
-        self.opt = adamw(self.net.parameters(), 2e-4, device, betas=(0.9, 0.95))
+        dcfg = TeacherConfig(size=size, patch_size=patch, batch_size=batch, time_sampling="logit_normal",
+                             grad_checkpointing=grad_ckpt)
+        self.opt = Optim(self.net.parameters(), dcfg, device)
         self.ema = EMA(self.net, 0.9999)
         self.ema.shadow.to(device)
         self.fwd = torch.compile(self.net) if compile else self.net
@@ -95,8 +100,9 @@ class _StepState:
         self.num_classes, self.dataset_size, self.step_i = num_classes, dataset_size, 0
         pool = 4 * batch
         if mode == "trainer":
-            cfg = preset("smoke", {"run.seed": seed})
+            cfg = preset("smoke", {"run.seed": seed, "run.precision": precision})
             self.ctx = StageContext(cfg=cfg, stage="teacher", device=device)
+            self.state = FlowState(self.ctx, dcfg, self.net, self.fwd, self.ema, self.opt, self.fm, tuple(latent))
             self.x_pool = torch.randn(pool, *latent)                       # CPU, as the trainer's ref.x
             self.y_pool = torch.randint(0, num_classes, (pool,))
         elif mode == "lean":
@@ -107,43 +113,27 @@ class _StepState:
         else:
             raise ValueError(f"unknown mode {mode!r}; choose trainer or lean")
 
-    def _batch(self) -> tuple[torch.Tensor, ...]:
+    def step(self) -> torch.Tensor | None:
         b, dev, step = self.batch, self.device, self.step_i
-        if self.mode == "trainer":  # fit_flow_model's per-step host work, with the trainer's helpers
-            ctx = self.ctx
-            idx = ctx.batch_indices(self.dataset_size, b, step) % self.x_pool.shape[0]
-            x = self.x_pool[idx].to(dev, non_blocking=True).float()
-            y = self.y_pool[idx].to(dev)
-            g = ctx.generator(step)
-            t = ctx.slice(sample_t(b, kind="logit_normal", generator=g))
-            eps = ctx.slice(torch.randn((b, *self.latent), generator=g))
-            drop = ctx.slice(torch.rand(b, generator=g) < 0.1)
-            return x, y, t, eps, drop
+        self.step_i += 1
+        if self.mode == "trainer":  # fit_flow_model's loop body: the trainer's indexing, then its step
+            from trainers import flowfit
+            idx = self.ctx.batch_indices(self.dataset_size, b, step) % self.x_pool.shape[0]
+            flowfit.step(self.state, step, self.x_pool[idx].to(dev, non_blocking=True).float(), self.y_pool[idx].to(dev))
+            return None
         idx = torch.randint(0, self.x_pool.shape[0], (b,), device=dev)
         t = sample_t(b, kind="logit_normal", device=dev)
-        return (self.x_pool[idx], self.y_pool[idx], t, torch.randn((b, *self.latent), device=dev),
-                torch.rand(b, device=dev) < 0.1)
-
-    def step(self) -> torch.Tensor:
-        x, y, t, eps, drop = self._batch()
+        eps, drop = torch.randn((b, *self.latent), device=dev), torch.rand(b, device=dev) < 0.1
         with autocast(self.device, self.precision):
-            loss, _ = self.fm(lambda xt, tt, yy: self.fwd(xt, tt, yy, force_drop=drop), x, y, t=t, eps=eps)
-        if self.mode == "trainer" and not self.ctx.finite_or_skip(loss):
-            return loss
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-        self.opt.step()
-        if self.mode == "trainer":
-            self.ema.update(self.net)
-        else:
-            with torch.no_grad():
-                torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.ema.decay)
-        self.step_i += 1
+            loss, _ = self.fm(lambda xt, tt, yy: self.fwd(xt, tt, yy, force_drop=drop), self.x_pool[idx],
+                              self.y_pool[idx], t=t, eps=eps)
+        self.opt.step(loss)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.ema.decay)
         return loss
 
 
-def make_step(size: str, **kw: Any) -> Callable[[], torch.Tensor]:
+def make_step(size: str, **kw: Any) -> Callable[[], torch.Tensor | None]:
     """A zero-argument DiT training step (see `_StepState` for the keywords)."""
     return _StepState(size, **kw).step
 

@@ -1,7 +1,8 @@
-"""One DMD joint step (stage 4, `trainers.dmd.train_loop`), averaged over a `vae_every`-step cycle.
+"""One DMD joint step (stage 4), averaged over a `vae_every`-step cycle.
 
-The loop body is replayed with the trainer's own pieces (DMVAE, projection head, PatchGAN,
-ReconstructionLoss, DistributionMatchingLoss, fake_score_loss, adamw, EMA, StageContext):
+The step timed is the stage's own `trainers.dmd.step` on the state `trainers.dmd.make_state` builds
+(DMVAE, projection head, PatchGAN, ReconstructionLoss, DistributionMatchingLoss, fake_score_loss, the
+config's optimisers, StageContext), so the benchmark cannot drift from the trainer:
 
 - VAE turn (step % k == 0): encoder (trainable) + decoder, L1 (+ LPIPS) + GAN generator loss with the
   adaptive weight, the DM loss (real and fake score nets, batched cond + null pass when CFG > 1),
@@ -22,7 +23,6 @@ the same process. Target on one H100: <= 3x the DiT-L step.
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from typing import Any, Sequence
@@ -32,23 +32,22 @@ import torch
 from benchmarks import bench_dit
 from benchmarks.common import (Result, base_parser, compile_forward, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, sync, time_calls)
-from dmvae_study.build import build_tokenizer, latent_shape
-from dmvae_study.config import preset
-from dmvae_study.models.heads import build_head
+from dmvae_study.build import build_tokenizer
+from dmvae_study.config import latent_shape, preset
 from dmvae_study.models.lightningdit import build_lightningdit
-from dmvae_study.objectives.dm import DistributionMatchingLoss, fake_score_loss
-from dmvae_study.objectives.flow import sample_t
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
 
 
 class DMDStep:
-    """Everything one DMD step touches, built as `trainers.dmd.train_loop` builds it (minus artifacts)."""
+    """The training stage's own DMD step (`trainers.dmd.step`) on the state `trainers.dmd.make_state` builds,
+    from random-init modules instead of artifacts (same shapes, same FLOPs)."""
 
     def __init__(self, preset_name: str, size: str, *, batch: int, device: torch.device, precision: str,
                  cfg_scale: float, vae_every: int, lpips: bool | None, seed: int, overrides: Sequence[str] = (),
                  dataset_size: int = bench_dit.IMAGENET_TRAIN):
-        from trainers.common import EMA, StageContext, adamw
-        from trainers.dmd import DMVAE
+        from dmvae_study.pipeline import resolve
+        from trainers.common import StageContext
+        from trainers.dmd import make_state
         from trainers.tokenizer import build_discriminator
         over = {"run.allow_random_weights": True, "run.precision": precision, "run.seed": seed,
                 "teacher.size": size, "dmd.batch_size": batch, "dmd.cfg_scale": cfg_scale,
@@ -57,33 +56,23 @@ class DMDStep:
         if overrides:
             from dmvae_study.configlib import apply_overrides
             cfg = apply_overrides(cfg, list(overrides))
+        cfg = resolve(cfg, "dinov2")
         self.cfg, self.device, d, t = cfg, device, cfg.dmd, cfg.tokenizer
         self.ctx = StageContext(cfg=cfg, stage="dmd", device=device)
         self.latent = latent_shape(cfg)
         c, h, w = self.latent
-        tok = build_tokenizer(cfg, "ae").to(device).train()
-        tok.encoder.set_backbone_frozen(False)  # the whole VAE trains in DMD (Sec. 3.1)
-        # the dinov2 prior reduced to C channels on the latent grid: same shape, identity head
-        head = build_head(self.latent, self.latent, d.head, hidden=d.head_hidden)
-        self.tok, self.vae = tok, DMVAE(tok, head).to(device)
-        self.disc = build_discriminator(cfg).to(device)
+        tok = build_tokenizer(cfg, "ae", device=str(device)).to(device).train()
         use_lpips = (t.lpips_weight > 0) if lpips is None else lpips
         lp = build_lpips(t.lpips_net, pnet_rand=True).to(device) if use_lpips else None
-        self.rloss = ReconstructionLoss(lpips_weight=t.lpips_weight if use_lpips else 0.0, disc_weight=t.disc_weight,
-                                        disc_start=0 if d.gan else 10**12,
-                                        diffaug="color,translation,cutout" if t.diffaug else "", lpips_module=lp)
+        rloss = ReconstructionLoss(lpips_weight=t.lpips_weight if use_lpips else 0.0, disc_weight=t.disc_weight,
+                                   disc_start=d.gan_start, diffaug="color,translation,cutout" if t.diffaug else "",
+                                   lpips_module=lp)
         self.num_classes = cfg.data.num_classes
-        self.real = build_lightningdit(size, in_channels=c, input_size=(h, w), num_classes=self.num_classes,
-                                       class_dropout=cfg.teacher.class_dropout).to(device).eval().requires_grad_(False)
-        self.fake = copy.deepcopy(self.real).train().requires_grad_(True)
-        self.dm = DistributionMatchingLoss(dm_weight=d.dm_weight, cfg_scale=d.cfg_scale)
-        self.opt_vae = adamw(self.vae.parameters(), d.lr, device, betas=(0.9, 0.95))
-        self.opt_fake = adamw(self.fake.parameters(), d.fake_lr, device, betas=(0.9, 0.95))
-        self.opt_d = adamw(self.disc.parameters(), d.lr, device, betas=(0.9, 0.95))
-        if hasattr(self.ctx, "channels_last"):  # the trainer's layout choice (channels_last on CUDA)
-            self.ctx.channels_last(tok.decoder, self.disc)
-        self.ema = EMA(tok, t.ema_decay)
-        self.ema.shadow.to(device)
+        real = build_lightningdit(size, in_channels=c, input_size=(h, w), num_classes=self.num_classes,
+                                  class_dropout=cfg.teacher.class_dropout).to(device)
+        self.state = make_state(self.ctx, tok, (c, h, w), real, build_discriminator(cfg).to(device), rloss,
+                                use_y=True)
+        self.tok, self.disc, self.rloss = tok, self.state.disc, rloss
         r = cfg.data.resolution
         g = torch.Generator().manual_seed(seed)
         self.img_pool = (torch.rand(2 * batch, 3, r, r, generator=g) * 2 - 1).to(device)
@@ -91,53 +80,15 @@ class DMDStep:
         self.batch, self.vae_every, self.step_i, self.dataset_size = batch, vae_every, 0, dataset_size
 
     def compile(self) -> None:
-        for net in (self.real, self.fake):
+        for net in (self.state.real, self.state.fake):
             compile_forward(net)
 
     def step(self) -> None:
-        """One iteration of the `trainers.dmd.train_loop` body."""
-        ctx, d, step, gb, shape = self.ctx, self.cfg.dmd, self.step_i, self.batch, self.latent
-        tok, vae, disc, rloss = self.tok, self.vae, self.disc, self.rloss
-        # image_batches' sampler permutes the whole dataset each step (StageContext.batch_indices)
-        idx = ctx.batch_indices(self.dataset_size, gb, step) % self.img_pool.shape[0]
-        img, y = self.img_pool[idx.to(self.device)], self.y_pool[idx.to(self.device)]
-        g = ctx.generator(step)
-        t = ctx.slice(sample_t(gb, t_min=d.t_min, t_max=d.t_max, generator=g))
-        eps = ctx.slice(torch.randn((gb, *shape), generator=g))
-        if step % d.vae_every == 0:
-            vae.train()
-            with ctx.autocast():
-                rec, z, x = vae(img)
-                loss_rec, _ = rloss.generator_loss(img, rec, step, disc, last_layer=tok.last_layer,
-                                                   generator=g if ctx.device.type == "cpu" else None)
-                loss_dm, _ = self.dm(x, self.real, self.fake, y, t=t, eps=eps)
-                loss = loss_rec + loss_dm
-            if ctx.finite_or_skip(loss):
-                self.opt_vae.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt_vae.step()
-                self.ema.update(tok)
-            if d.gan:
-                with ctx.autocast():
-                    d_loss, _ = rloss.discriminator_loss(disc, img, rec.detach())
-                if ctx.finite_or_skip(d_loss):
-                    self.opt_d.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    self.opt_d.step()
-            x_fake = x.detach()
-        else:
-            with torch.no_grad(), ctx.autocast():
-                x_fake = vae.to_reference(tok.encode(img)).float()
-        with ctx.autocast():
-            drop = ctx.slice(torch.rand(gb, generator=g) < self.cfg.teacher.class_dropout)
-            loss_f = fake_score_loss(lambda xt, tt, yy: self.fake(xt, tt, yy, force_drop=drop), x_fake.float(), y,
-                                     t=ctx.slice(sample_t(gb, generator=g)),
-                                     eps=ctx.slice(torch.randn((gb, *shape), generator=g)))
-        if ctx.finite_or_skip(loss_f):
-            self.opt_fake.zero_grad(set_to_none=True)
-            loss_f.backward()
-            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
-            self.opt_fake.step()
+        """One iteration of the DMD stage: `trainers.dmd.step`, the function the stage's loop calls."""
+        from trainers import dmd
+        idx = self.ctx.batch_indices(self.dataset_size, self.batch, self.step_i) % self.img_pool.shape[0]
+        idx = idx.to(self.device)
+        dmd.step(self.state, self.step_i, self.img_pool[idx], self.y_pool[idx])
         self.step_i += 1
 
     def cycle(self) -> None:

@@ -3,7 +3,7 @@ loop on N Ray Train workers (TorchTrainer, DDP over gloo on CPU or NCCL on GPUs)
 
 Each worker runs `worker_loop`: the trainer's own per-process machinery (`StageContext.create`, which
 reads the process group Ray Train set up, `ctx.wrap` -> DDP, `ctx.batch_indices` / `ctx.slice` for the
-rank's share of the global batch, `ctx.finite_or_skip` with its all-reduce, `adamw`) around the
+rank's share of the global batch, `ctx.finite_or_skip` with its all-reduce, `Optim`) around the
 `fit_flow_model` step, timed between barriers after warm-up. Weak scaling by default: every worker
 keeps `--batch-per-worker`, so N workers process N times the images per step; `--strong` keeps the
 global batch fixed instead.
@@ -44,28 +44,21 @@ from benchmarks.common import Result, base_parser, matmul_peak, report, setup, s
 
 def _make_step(ctx, net_w: torch.nn.Module, net: torch.nn.Module, gb: int, latent: tuple[int, int, int],
                num_classes: int) -> Callable[[int], None]:
-    """`step(i)`: one iteration of `trainers.flowfit.fit_flow_model` for `ctx`'s share of a global batch."""
-    from dmvae_study.objectives.flow import FlowMatchingLoss, sample_t
-    from trainers.common import adamw
-    opt = adamw(net.parameters(), 2e-4, ctx.device, betas=(0.9, 0.95))
-    fm = FlowMatchingLoss(time_sampling="logit_normal")
+    """`step(i)`: one iteration of `trainers.flowfit.fit_flow_model` for `ctx`'s share of a global batch
+    (its indexing, then the stage's own `trainers.flowfit.step`)."""
+    from dmvae_study.config import TeacherConfig
+    from dmvae_study.objectives.flow import FlowMatchingLoss
+    from trainers import flowfit
+    from trainers.common import EMA, Optim
+    dcfg = TeacherConfig(batch_size=gb, time_sampling="logit_normal")
+    state = flowfit.FlowState(ctx, dcfg, net, net_w, EMA(net, 0.9999), Optim(net.parameters(), dcfg, ctx.device),
+                              FlowMatchingLoss(time_sampling="logit_normal"), tuple(latent))
     pool = torch.randn(max(4 * gb, 64), *latent)
     labels = torch.randint(0, num_classes, (pool.shape[0],))
 
     def step(i: int) -> None:
         idx = ctx.batch_indices(pool.shape[0], gb, i)
-        x, y = pool[idx].to(ctx.device, non_blocking=True), labels[idx].to(ctx.device)
-        g = ctx.generator(i)
-        t = ctx.slice(sample_t(gb, kind="logit_normal", generator=g))
-        eps = ctx.slice(torch.randn((gb, *latent), generator=g))
-        drop = ctx.slice(torch.rand(gb, generator=g) < 0.1)
-        with ctx.autocast():
-            loss, _ = fm(lambda xt, tt, yy: net_w(xt, tt, yy, force_drop=drop), x, y, t=t, eps=eps)
-        if ctx.finite_or_skip(loss):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+        flowfit.step(state, i, pool[idx].to(ctx.device, non_blocking=True), labels[idx].to(ctx.device))
     return step
 
 

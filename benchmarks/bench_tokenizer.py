@@ -1,4 +1,4 @@
-"""Tokenizer pretraining step (stage 1, `trainers.tokenizer.train_loop`, kind "ae"): encoder (frozen
+"""Tokenizer pretraining step (stage 1, `trainers.tokenizer.step`, kind "ae"): encoder (frozen
 backbone + trainable projector) + Flux-style decoder, L1 (+ LPIPS) + PatchGAN generator loss with the
 adaptive weight, AdamW, EMA, then the discriminator step (hinge + DiffAugment + bCR).
 
@@ -23,35 +23,32 @@ import torch
 
 from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, time_calls)
-from dmvae_study.build import build_tokenizer, latent_shape
-from dmvae_study.config import preset
+from dmvae_study.config import latent_shape, preset
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
 
 
 class TokenizerStep:
-    """The trainable tokenizer, PatchGAN, losses and optimisers of stage 1, and one step of its loop."""
+    """The stage's own state (`trainers.tokenizer.setup`) and step (`trainers.tokenizer.step`) on random
+    images; LPIPS with a random trunk (no weights needed, same FLOPs)."""
 
     def __init__(self, preset_name: str, *, batch: int, device: torch.device, precision: str, channels_last: bool,
                  gan: bool, lpips: bool | None, seed: int):
-        from trainers.common import EMA, StageContext, adamw
-        from trainers.tokenizer import TokenizerWithAlignment, build_discriminator
-        cfg = preset(preset_name, {"run.allow_random_weights": True, "run.precision": precision, "run.seed": seed,
-                                   "tokenizer.batch_size": batch, "run.num_workers": 1})
+        from dmvae_study.pipeline import resolve
+        from trainers.common import StageContext
+        from trainers.tokenizer import setup
+        cfg = resolve(preset(preset_name, {"run.allow_random_weights": True, "run.precision": precision,
+                                           "run.seed": seed, "tokenizer.batch_size": batch, "run.num_workers": 1}),
+                      "dinov2")
         t = cfg.tokenizer
         self.cfg, self.device, self.batch, self.step_i = cfg, device, batch, 0
         self.ctx = StageContext(cfg=cfg, stage="tokenizer", device=device)
-        self.tok = build_tokenizer(cfg, "ae").to(device).train()
-        self.model = TokenizerWithAlignment(self.tok, None)
-        self.disc = build_discriminator(cfg).to(device)
         use_lpips = (t.lpips_weight > 0) if lpips is None else lpips
         lp = build_lpips(t.lpips_net, pnet_rand=True).to(device) if use_lpips else None
         self.rloss = ReconstructionLoss(lpips_weight=t.lpips_weight if use_lpips else 0.0, disc_weight=t.disc_weight,
-                                        disc_start=0 if gan else 10**12,
+                                        disc_start=0 if gan else None,
                                         diffaug="color,translation,cutout" if t.diffaug else "", lpips_module=lp)
-        self.opt_g = adamw(self.model.parameters(), t.lr, device, betas=(0.9, 0.95))
-        self.opt_d = adamw(self.disc.parameters(), t.lr, device, betas=(0.9, 0.95))
-        self.ema = EMA(self.tok, t.ema_decay)
-        self.ema.shadow.to(device)
+        self.state, _ = setup(self.ctx, rloss=self.rloss, device=str(device))
+        self.tok, self.disc = self.state.tok, self.state.disc
         r = cfg.data.resolution
         g = torch.Generator().manual_seed(seed)
         self.img = (torch.rand(batch, 3, r, r, generator=g) * 2 - 1).to(device)
@@ -61,25 +58,9 @@ class TokenizerStep:
         self.latent = latent_shape(cfg)
 
     def step(self) -> None:
-        """One iteration of the `trainers.tokenizer.train_loop` body (kind "ae")."""
-        ctx, step, img = self.ctx, self.step_i, self.img
-        g = ctx.generator(step, salt=ctx.rank) if ctx.device.type == "cpu" else None
-        with ctx.autocast():
-            rec, z, _ = self.model(img)
-            loss, _ = self.rloss.generator_loss(img, rec, step, self.disc, last_layer=self.tok.last_layer, generator=g)
-        if ctx.finite_or_skip(loss):
-            self.opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_g.step()
-            self.ema.update(self.tok)
-        if self.rloss.gan_active(step):
-            self.disc.train()
-            with ctx.autocast():
-                d_loss, _ = self.rloss.discriminator_loss(self.disc, img, rec.detach(), generator=g)
-            if ctx.finite_or_skip(d_loss):
-                self.opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                self.opt_d.step()
+        """One iteration of the stage: `trainers.tokenizer.step`, the function its loop calls."""
+        from trainers import tokenizer
+        tokenizer.step(self.state, self.step_i, self.img)
         self.step_i += 1
 
 

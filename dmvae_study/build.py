@@ -6,13 +6,11 @@ Stages, studies, benchmarks and tests build networks here, so a field's meaning 
 from __future__ import annotations
 
 import hashlib
-import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from dmvae_study.config import ExperimentConfig, GeneratorConfig, TeacherConfig
+from dmvae_study.config import ExperimentConfig, GeneratorConfig, TeacherConfig, latent_shape
 from dmvae_study.models.lightningdit import LightningDiT, build_lightningdit
 
 
@@ -39,65 +37,47 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_stride(cfg: ExperimentConfig) -> int:
-    """Pixels per latent cell of the configured encoder."""
-    t = cfg.tokenizer
-    if t.backbone == "small_conv":
-        return t.encoder_stride
-    if t.backbone.startswith("dinov2"):
-        return t.backbone_patch or 14
-    return {"resnet34": 16, "efficientnet_lite0": 16}.get(t.backbone, 16)
-
-
-def latent_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
-    s = tokenizer_stride(cfg)
-    r = cfg.data.resolution
-    if r % s:
-        raise ValueError(f"data.resolution={r} is not divisible by the encoder stride {s}; "
-                         f"pick a resolution that is a multiple of {s}")
-    return cfg.tokenizer.latent_channels, r // s, r // s
-
-
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------
 
-def build_encoder_backbone(cfg: ExperimentConfig) -> nn.Module:
-    """The encoder's feature network: the small conv encoder, or a pretrained backbone."""
+def build_encoder_backbone(cfg: ExperimentConfig, seed: int | None = None, device: str = "cpu") -> nn.Module:
+    """The encoder's feature network on the latent grid (`config.latent_shape`): the small conv encoder
+    (smoke presets), the LDM / VA-VAE conv encoder (`ldm_conv`, the baselines), both trained, or a
+    pretrained backbone whose input is resized so its feature map lands on the grid (DINOv2-L/16 at
+    256 px -> 16x16, App. A.1)."""
     t = cfg.tokenizer
     if t.backbone == "small_conv":
         from dmvae_study.models.autoencoder import SmallConvEncoder
         return SmallConvEncoder(in_channels=3, width=t.encoder_width, stride=t.encoder_stride,
                                 norm_groups=min(8, t.encoder_width))
-    from dmvae_study.backbones import build_backbone
-    kw = {"patch_size": t.backbone_patch} if t.backbone.startswith("dinov2") and t.backbone_patch else {}
-    if t.backbone.startswith("dinov2"):
-        kw["img_size"] = cfg.data.resolution
-    return build_backbone(t.backbone, weights_dir=cfg.run.weights_dir,
-                          allow_random_weights=cfg.run.allow_random_weights, **kw)
+    if t.backbone == "ldm_conv":
+        from dmvae_study.models.autoencoder import LDMConvEncoder
+        return LDMConvEncoder(in_channels=3, ch=t.encoder_width, ch_mult=t.encoder_ch_mult,
+                              num_res_blocks=t.decoder_res_blocks, norm_groups=min(32, t.encoder_width))
+    from dmvae_study.backbones import build_grid_backbone
+    _, h, w = latent_shape(cfg)
+    kw = {"layer": t.backbone_layer} if t.backbone_layer else {}
+    net, _ = build_grid_backbone(t.backbone, (h, w), vit_patch=t.backbone_patch, weights_dir=cfg.run.weights_dir,
+                                 allow_random_weights=cfg.run.allow_random_weights, seed=seed, device=device, **kw)
+    return net
 
 
-def build_tokenizer(cfg: ExperimentConfig, kind: str | None = None) -> nn.Module:
-    """Encoder (backbone + MLP projector, App. A.1) and Flux-style decoder of `cfg.tokenizer`.
-
-    `kind` ae / beta_vae / vavae; VA-VAE is an ae whose pretraining adds the alignment loss."""
+def build_tokenizer(cfg: ExperimentConfig, kind: str = "ae", device: str = "cpu") -> nn.Module:
+    """Encoder (backbone + MLP projector, App. A.1) and Flux-style decoder of `cfg.tokenizer` (a resolved
+    row config: for the baseline rows that section is their own autoencoder). `kind`: ae / beta_vae /
+    vavae (a VA-VAE is an ae whose pretraining adds the alignment loss). `device="meta"` builds shapes
+    only (cost estimates)."""
     from dmvae_study.models.autoencoder import Encoder, MLPProjector, Tokenizer
     from dmvae_study.models.decoder import Decoder
     t = cfg.tokenizer
-    kind = kind or t.kind
     latent_c, h, w = latent_shape(cfg)
-    backbone = build_encoder_backbone(cfg)
+    backbone = build_encoder_backbone(cfg, seed=cfg.run.seed, device=device)
     out = latent_c * (2 if kind == "beta_vae" else 1)
-    frozen = t.freeze_backbone and t.backbone != "small_conv"  # the small conv encoder trains from scratch
+    frozen = t.freeze_backbone and t.backbone not in ("small_conv", "ldm_conv")  # conv encoders train from scratch
     enc = Encoder(backbone, MLPProjector(backbone.out_channels, t.projector_hidden, out), frozen)
-    ups = len(t.decoder_ch_mult) - 1 + int(t.decoder_in_upsample)
-    if 2 ** ups != cfg.data.resolution // h:
-        raise ValueError(f"the decoder upsamples x{2 ** ups} (ch_mult {t.decoder_ch_mult}, in_upsample "
-                         f"{t.decoder_in_upsample}), but the latent grid {h}x{w} needs x{cfg.data.resolution // h} "
-                         f"to reach {cfg.data.resolution} px; use {int(math.log2(cfg.data.resolution // h)) + 1} "
-                         f"multipliers")
     dec = Decoder(latent_c, out_channels=3, ch=t.decoder_ch, ch_mult=t.decoder_ch_mult,
                   num_res_blocks=t.decoder_res_blocks, mid_attention=t.decoder_attention,
                   norm_groups=min(32, t.decoder_ch), in_upsample=t.decoder_in_upsample)

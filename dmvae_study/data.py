@@ -467,6 +467,25 @@ def build_dataset(cfg_or_name: Any, split: str = "train", **overrides: Any) -> D
     return ds
 
 
-# Loaders live in dmvae_study.loaders; re-exported here for existing imports.
-from dmvae_study.loaders import (ResumableSampler, loader_position, make_loader,  # noqa: E402,F401
-                                 set_loader_epoch)
+
+def balanced_subset(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """`n` indices (sorted) with every class in equal share (+-1): a seeded random `n // C` of each class,
+    one more for `n % C` randomly chosen classes; a class with too few items gives all it has and the
+    rest is drawn at random from the remaining items. For reference statistics of class-sorted folders."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(targets):
+        by_class.setdefault(int(y), []).append(i)
+    classes = sorted(by_class)
+    n = min(n, len(targets))
+    quota = {c: n // len(classes) for c in classes}
+    for j in torch.randperm(len(classes), generator=g)[: n % len(classes)].tolist():
+        quota[classes[j]] += 1
+    picked, rest = [], []
+    for c in classes:
+        perm = [by_class[c][k] for k in torch.randperm(len(by_class[c]), generator=g).tolist()]
+        picked += perm[: quota[c]]
+        rest += perm[quota[c]:]
+    if len(picked) < n:
+        picked += [rest[k] for k in torch.randperm(len(rest), generator=g)[: n - len(picked)].tolist()]
+    return sorted(picked)

@@ -1,83 +1,104 @@
-"""Resumable, rank-aware DataLoaders over the datasets of `dmvae_study.data`.
+"""The one data-loading path of the training stages: deterministic, resumable, rank-aware global batches.
 
-Flips depend only on (seed, epoch, index) and the order on (seed, epoch), so the worker count and a
-resume change neither what an item looks like nor which items a rank sees.
+Step `s` of a stage draws the global batch `perm_e[pos*B:(pos+1)*B]` of the epoch-`e` permutation
+(`e, pos = divmod(s, N // B)`), seeded by (seed, stage, epoch); rank r takes the r-th slice. The
+loader yields items indexed `(i, epoch)`, and `EpochIndexed` points the dataset's flip augmentation at
+that epoch before fetching, so horizontal flips change every epoch while staying a pure function of
+(seed, epoch, index): N loader workers, N Ray workers and a resumed run see the same batches as one
+uninterrupted process.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+import math
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from dmvae_study.data import _mix
 
-def _set_dataset_epoch(ds: Dataset, epoch: int) -> None:
+def hash_seed(*parts: Any) -> int:
+    """A 56-bit seed from any tuple of plain values (stable across processes and runs)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+def set_dataset_epoch(ds: Dataset, epoch: int) -> None:
+    """Point a dataset's (through Subset wrappers) flip augmentation at `epoch`."""
     while isinstance(ds, Subset):
         ds = ds.dataset
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded by (seed, epoch), rank-sliced) that can start mid-epoch.
+class EpochIndexed(Dataset):
+    """`dataset[(i, epoch)]` = `dataset[i]` with the flips of that epoch. Each loader worker holds its
+    own copy of the dataset and fetches one item at a time, so setting the epoch per item is safe."""
 
-    Works without a process group (one replica). `set_epoch(e, skip_samples=k)` drops this rank's
-    first k samples of epoch e, so a resumed run continues with exactly the batches it had not seen."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        ddp = dist.is_available() and dist.is_initialized()
-        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if ddp else 1)
-        rank = rank if rank is not None else (dist.get_rank() if ddp else 0)
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
-
-    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.start = int(skip_samples)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return max(self.num_samples - self.start, 0)
+        return len(self.dataset)  # type: ignore[arg-type]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.set_epoch(state["epoch"], state["start"])
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, skip_batches: int = 0,
-                shuffle: bool = True, drop_last: bool = True, num_workers: int = 0, pin_memory: bool = False,
-                num_replicas: int | None = None, rank: int | None = None) -> DataLoader:
-    """DataLoader over this rank's share (DistributedSampler semantics when torch.distributed is up).
-
-    `batch_size` is per rank. The order is a function of (seed, epoch) only; `skip_batches` resumes
-    mid-epoch (see `loader_position`). For a later epoch call `set_loader_epoch`."""
-    sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                               drop_last=drop_last)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, drop_last=drop_last,
-                        generator=torch.Generator().manual_seed(_mix(seed, epoch) & 0x7FFFFFFFFFFFFFFF))
-    set_loader_epoch(loader, epoch, skip_batches)
-    return loader
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        set_dataset_epoch(self.dataset, epoch)
+        return self.dataset[i]
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Point the loader's sampler and dataset (flip augmentation) at `epoch`, skipping `skip_batches`."""
-    assert isinstance(loader.sampler, ResumableSampler), "use make_loader to build the loader"
-    loader.sampler.set_epoch(epoch, skip_batches * int(loader.batch_size or 1))
-    _set_dataset_epoch(loader.dataset, epoch)
+class GlobalBatches:
+    """Per-epoch permutations of `n` items, cut into global batches of `global_batch` (one shuffle per
+    epoch, cached: 1.28M indices for ImageNet), and this rank's share of each."""
+
+    def __init__(self, n: int, global_batch: int, *, seed: int, stage: str, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} workers; "
+                             f"set the stage's batch_size to a multiple of run.num_workers")
+        self.n, self.gb, self.seed, self.stage, self.rank, self.world = n, global_batch, seed, stage, rank, world
+        self.per_epoch = max(n // global_batch, 1)
+        self._key: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def epoch(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Dataset indices `(global_batch / world,)` of this rank's share of the global batch at `step`."""
+        epoch, pos = divmod(step, self.per_epoch)
+        if self._key != epoch:
+            g = torch.Generator()
+            g.manual_seed(hash_seed(self.seed, self.stage, epoch, 7))
+            perm = torch.randperm(self.n, generator=g)
+            if self.n < self.gb:
+                perm = perm.repeat(math.ceil(self.gb / self.n))
+            self._key, self._perm = epoch, perm
+        rows = self._perm[pos * self.gb:(pos + 1) * self.gb]  # type: ignore[index]
+        b = self.gb // self.world
+        return rows[self.rank * b:(self.rank + 1) * b]
 
 
-def loader_position(step: int, batches_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batches to skip) after `step` consumed batches: where a resumed run starts."""
-    if batches_per_epoch <= 0:
-        raise ValueError("the dataset yields no full batch per epoch; lower the batch size")
-    return divmod(int(step), int(batches_per_epoch))
+class StepBatchSampler(Sampler):
+    """Batch sampler of `[(index, epoch), ...]` for steps `start .. total - 1`: the same order after a resume."""
+
+    def __init__(self, batches: GlobalBatches, start: int, total: int):
+        self.batches, self.start, self.total = batches, start, total
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            e = self.batches.epoch(step)
+            yield [(int(i), e) for i in self.batches.indices(step)]
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+
+def step_loader(dataset: Dataset, batches: GlobalBatches, start: int, total: int, *, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """DataLoader yielding `(img (b, C, H, W), y (b,))` for each step from `start` to `total`."""
+    return DataLoader(EpochIndexed(dataset), batch_sampler=StepBatchSampler(batches, start, total),
+                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)
+
+
+__all__ = ["EpochIndexed", "GlobalBatches", "StepBatchSampler", "hash_seed", "set_dataset_epoch", "step_loader"]

@@ -131,48 +131,60 @@ def fid_extractor(name: str, device: str | torch.device = "cpu",
     raise ValueError(f"unknown extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
 
 
-def _batches_of(src: ImageSource, num: int | None, batch_size: int) -> tuple[Callable[[Any], torch.Tensor], int]:
-    """A clean-fid generator `G(z) -> (batch_size, 3, H, W)` in [0, 255] over a tensor or a callable."""
-    if callable(src):
-        if num is None:
-            raise ValueError("a generator function needs num (how many images to draw)")
-        fn = src
-    else:
-        imgs = torch.as_tensor(src)
-        num = len(imgs) if num is None else min(num, len(imgs))
-        pos = [0]
+def clean_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """clean-fid's "clean" resize (Parmar et al. 2022: PIL bicubic on float32, per channel, no
+    quantisation) of `(B, 3, H, W)` in [0, 255] to `(B, 3, size, size)`; a no-op at the target size."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    from cleanfid.resize import make_resizer
+    fn = make_resizer("PIL", False, "bicubic", (size, size))
+    arr = x.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    out = np.stack([fn(a) for a in arr])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device)
 
-        def fn(b: int) -> torch.Tensor:
-            # clean-fid always consumes full batches and then truncates to num: wrap around at the end.
-            idx = torch.arange(pos[0], pos[0] + b) % num
-            pos[0] += b
-            return imgs[idx]
 
-    def G(z: torch.Tensor) -> torch.Tensor:
-        x = fn(z.shape[0]).float()
-        if len(x) < len(z):  # a short final batch: pad, clean-fid truncates to num afterwards
-            x = torch.cat([x, x[-1:].expand(len(z) - len(x), *x.shape[1:])])
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return ((x.clamp(-1, 1) + 1) * 127.5).cpu()
-    return G, num
+@torch.no_grad()
+def batch_features(images: torch.Tensor, extractor: FIDExtractor, device: str | torch.device = "cpu",
+                   probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The one feature path of every FID / IS in this platform (evaluation stage, `compute_fid`, tests):
+    images `(B, C, H, W)` in [-1, 1] -> [0, 255], grey repeated to RGB, `clean_resize` to the
+    extractor's input side, then the extractor. Returns features `(B, D)` (and class probabilities)."""
+    x = (images.float().clamp(-1, 1) + 1) * 127.5
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = clean_resize(x, extractor.size).to(device)
+    if probs:
+        f, p = extractor.features_and_probs(x)
+        return f.float(), p.float()
+    return extractor(x).float()
 
 
 @torch.no_grad()
 def extract_features(src: ImageSource, extractor: FIDExtractor, device: str | torch.device = "cpu",
                      batch_size: int = 64, num: int | None = None, num_workers: int = 0) -> np.ndarray:
     """`(N, D)` features of images (tensor `(N, C, H, W)` in [-1, 1], a callable `batch -> images`
-    with `num`, or a folder path) through clean-fid's clean-resize pipeline."""
-    from cleanfid import fid as cfid
-    from cleanfid.resize import make_resizer
-    resize = make_resizer("PIL", False, "bicubic", (extractor.size, extractor.size))
+    with `num`, or a folder path) through `batch_features` (clean-fid's folder reader for folders)."""
     device = torch.device(device)
     if isinstance(src, (str, os.PathLike)):
+        from cleanfid import fid as cfid
+        from cleanfid.resize import make_resizer
+        resize = make_resizer("PIL", False, "bicubic", (extractor.size, extractor.size))
         return cfid.get_folder_features(str(src), extractor, num_workers=num_workers, num=num, batch_size=batch_size,
                                         device=device, mode="clean", custom_fn_resize=resize, verbose=False)
-    G, n = _batches_of(src, num, batch_size)
-    return cfid.get_model_features(G, extractor, mode="clean", z_dim=1, num_gen=n, batch_size=batch_size,
-                                   device=device, custom_fn_resize=resize, verbose=False)
+    if callable(src):
+        if num is None:
+            raise ValueError("a generator function needs num (how many images to draw)")
+        batches, left = [], num
+        while left > 0:
+            b = src(min(batch_size, left))[: min(batch_size, left)]
+            batches.append(b)
+            left -= len(b)
+    else:
+        imgs = torch.as_tensor(src)
+        imgs = imgs[:num] if num is not None else imgs
+        batches = [imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size)]
+    feats = [batch_features(b, extractor, device).cpu() for b in batches]
+    return torch.cat(feats).double().numpy()
 
 
 def compute_fid(gen: ImageSource, ref: ImageSource, extractor: str | FIDExtractor = "lite0",

@@ -1,7 +1,8 @@
 """Reference sets: the samples of a prior that a teacher score model learns (paper Sec. 4).
 
 On disk, a reference set is an artifact folder of tensor shards `shard-00000.pt` (each
-`{"x": (n, C, H, W) float16, "y": (n,) int64}`, atomically written and checksummed) plus
+`{"x": (n, C, H, W) float16 (float32 for `exact` sets), "y": (n,) int64}`, atomically written and
+checksummed) plus
 `meta.json` (shape, count, labels, standardisation and provenance). Samples are standardised
 to zero mean and unit variance overall (`mean`, `scale` recorded), so every prior meets the
 flow-matching noise N(0, I) on the same footing. Token-sequence priors `(L, D)` are stored as
@@ -30,6 +31,7 @@ class ReferenceSet:
     mean: float = 0.0
     scale: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict)
+    exact: bool = False  # stored float32 (tokenizer latents, App. A.2: the reference *is* the latent set)
 
     def __post_init__(self) -> None:
         if self.x.dim() == 3:  # (N, L, D) tokens -> (N, D, 1, L)
@@ -57,13 +59,13 @@ class ReferenceSet:
         n = len(self)
         for i, start in enumerate(range(0, n, shard_size)):
             sl = slice(start, start + shard_size)
-            shard = {"x": self.x[sl].to(torch.float16).contiguous()}
+            shard = {"x": self.x[sl].to(torch.float32 if self.exact else torch.float16).contiguous()}
             if self.y is not None:
                 shard["y"] = self.y[sl].long().contiguous()
             save_torch(art.file(f"shard-{i:05d}.pt"), shard)
         meta = {"count": n, "shape": list(self.sample_shape), "num_classes": self.num_classes,
                 "labels": self.y is not None, "mean": self.mean, "scale": self.scale,
-                "shards": (n + shard_size - 1) // shard_size, "provenance": self.provenance}
+                "shards": (n + shard_size - 1) // shard_size, "exact": self.exact, "provenance": self.provenance}
         atomic_write_text(art.file("meta.json"), json.dumps(meta, indent=1, default=str))
 
     @classmethod
@@ -77,4 +79,4 @@ class ReferenceSet:
         x = torch.cat([s["x"] for s in shards]).float()
         y = torch.cat([s["y"] for s in shards]) if meta["labels"] else None
         return cls(x=x, y=y, num_classes=meta["num_classes"], mean=meta["mean"], scale=meta["scale"],
-                   provenance=meta["provenance"])
+                   provenance=meta["provenance"], exact=bool(meta.get("exact", False)))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dmvae_study.configlib import Section, field
-from dmvae_study.objectives.flow import FlowMatchingLoss, annealed_t_max, sample_t
+from dmvae_study.objectives.flow import FlowMatchingLoss, annealed_t_range, sample_t
 
 AMP, VSCALE, SKEW, THICK, DIFFUSE = 0.85, 0.85, 0.15, 0.06, 0.03
 
@@ -88,7 +88,7 @@ class ToyConfig(Section):
     lr_fake: float = field(1e-4, doc="Adam learning rate of the fake score net")
     t_min: float = field(0.0, doc="lower end of the objective's time range")
     t_max: float = field(1.0, doc="upper end of the objective's time range")
-    anneal: bool = field(False, doc="contract [t_min, t_max] to [t_min, 0.5] linearly over training")
+    anneal: bool = field(False, doc="contract [t_min, t_max] to [0.5, t_max] linearly (toward data, t = 1; Sec. 5.1)")
     objectives: tuple[str, ...] = field(("dm",), doc="objective variants to run (dmvae_study.objectives.dm.OBJECTIVES)")
     eval_every: int = field(100, doc="measure distances every N steps")
     threshold: float = field(0.05, doc="energy distance counted as reached for `steps_to_threshold`")
@@ -156,8 +156,9 @@ def run_objective(cfg: ToyConfig, objective: str, real: torch.nn.Module,
     rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     for step in range(cfg.steps):
         if step % cfg.points_every == 0:
-            t_max = annealed_t_max(step / max(cfg.steps - 1, 1), cfg.t_max, 0.5) if cfg.anneal else cfg.t_max
-            t = sample_t(cfg.num_points, t_min=cfg.t_min, t_max=max(t_max, cfg.t_min + 1e-3), generator=g)
+            lo, hi = annealed_t_range(step / max(cfg.steps - 1, 1), cfg.t_min, cfg.t_max, 0.5) \
+                if cfg.anneal else (cfg.t_min, cfg.t_max)
+            t = sample_t(cfg.num_points, t_min=lo, t_max=hi, generator=g)
             eps = torch.randn(cfg.num_points, 2, 1, 1, generator=g)
             loss = loss_fn(as_token(points), real, fake, y, t, eps)
             opt_p.zero_grad(set_to_none=True)

@@ -14,16 +14,16 @@ import importlib
 import pkgutil
 
 from priors.reduce import BottleneckReducer, PCAReducer, reduce
-from priors.registry import (BASELINE_ROWS, BuildContext, PriorSpec, UnknownPriorError, build_reference,
-                             default_dm_weight, get, latent_grid, names, register, sample_count)
+from priors.registry import (BASELINE_ROWS, DM_WEIGHT, FEATURE_REDUCTIONS, REDUCTIONS, BuildContext, PriorSpec,
+                             UnknownPriorError, build_reference, get, latent_grid, names, register, sample_count)
 
 _INFRA = frozenset({"registry", "reduce", "extract", "tsne"})
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in _INFRA and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-ROWS: tuple[str, ...] = BASELINE_ROWS + names()
+ROWS: tuple[str, ...] = tuple(BASELINE_ROWS) + names()
 
-__all__ = ["BASELINE_ROWS", "ROWS", "BottleneckReducer", "BuildContext", "PCAReducer", "PriorSpec",
-           "UnknownPriorError", "build_reference", "default_dm_weight", "get", "latent_grid", "names", "reduce",
-           "register", "sample_count"]
+__all__ = ["BASELINE_ROWS", "DM_WEIGHT", "FEATURE_REDUCTIONS", "REDUCTIONS", "ROWS", "BottleneckReducer",
+           "BuildContext", "PCAReducer", "PriorSpec", "UnknownPriorError", "build_reference", "get", "latent_grid",
+           "names", "reduce", "register", "sample_count"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import build_dataset, dataset_targets
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch, save_torch
@@ -80,12 +81,14 @@ def _shard_ok(path: Path, n: int, source: str) -> bool:
 
 
 def extract(ctx: BuildContext, items: Dataset, encode: Callable[[Any], torch.Tensor], *, source: str,
-            item_bytes: int | None = None, desc: str = "features", prefix: str = "feat") -> FeatureShards:
+            item_bytes: int | None = None, desc: str = "features", prefix: str = "feat",
+            keep_fp32: bool = False) -> FeatureShards:
     """Encode every item of `items` (`(input, label)` pairs) into shards; returns them on rank 0.
 
     `encode(batch_input) -> (b, D, h, w)`; `source` names the encoder weights and is stored with
     each shard (a shard from other weights is recomputed). A shard holds `prior.shard_size` items,
-    fewer when `item_bytes` (float16 bytes per item) would make it exceed `FEATURE_SHARD_BYTES`.
+    fewer when `item_bytes` (bytes per item) would make it exceed `FEATURE_SHARD_BYTES`. Features are
+    stored float16 unless that overflows or `keep_fp32` (exact latents).
     Ranks > 0 raise `HandedOff` after their shards; rank 0 waits for all (a torch.distributed
     barrier, else polling for the files)."""
     pcfg = ctx.cfg.prior
@@ -105,7 +108,7 @@ def extract(ctx: BuildContext, items: Dataset, encode: Callable[[Any], torch.Ten
             for k, ((i, _), (inp, y)) in enumerate(zip(batches, loader)):
                 with torch.inference_mode():
                     f = encode(inp).float().cpu()
-                half = f.to(torch.float16)
+                half = f if keep_fp32 else f.to(torch.float16)
                 xs.append(half if torch.isfinite(half).all() else f)  # float16 halves the disk unless it overflows
                 ys.append(torch.as_tensor(y, dtype=torch.int64))
                 bar.update(len(ys[-1]))
@@ -124,6 +127,21 @@ def extract(ctx: BuildContext, items: Dataset, encode: Callable[[Any], torch.Ten
 
 
 # ---- image items and backbones --------------------------------------------------------------------
+
+def backbone_tokenizer_needs(backbone: Callable[[ExperimentConfig], str]):
+    """`needs` of an image-backbone prior: with `prior.reduction=tokenizer`, the tokenizer whose latents
+    are the reference (App. A.2): the row's own tokenizer when its backbone is the prior's backbone
+    (the paper's DINO row: DMD then starts at the reference), else a tokenizer of the same recipe
+    (A.1) with the prior's backbone, frozen."""
+    def needs(cfg: ExperimentConfig):
+        if cfg.prior.reduction != "tokenizer":
+            return {}
+        name = backbone(cfg)
+        tok = cfg.tokenizer if cfg.tokenizer.backbone == name else cfg.tokenizer.replace(
+            backbone=name, freeze_backbone=True)
+        return {"tokenizer": ("tokenizer", cfg.replace(tokenizer=tok))}
+    return needs
+
 
 def training_items(ctx: BuildContext, classes: Sequence[int] | None = None) -> Items:
     """Training images (no flips) `(img (C, H, W) in [-1, 1], label)`, optionally of some classes only.
@@ -173,7 +191,11 @@ def reference_from_shards(ctx: BuildContext, shards: FeatureShards, num_classes:
 
 def backbone_prior(ctx: BuildContext, backbone: str, items: Items, backbone_kw: dict[str, Any] | None = None,
                    **provenance: Any) -> ReferenceSet:
-    """Spatial features of `items` from `backbone`, on the latent grid, reduced and standardised."""
+    """Spatial features of `items` from `backbone` on the latent grid, reduced per `prior.reduction`:
+    `tokenizer` (the latents of that backbone's frozen-backbone tokenizer, App. A.2) or a feature
+    reducer (feature_ae / pca / none), then standardised."""
+    if ctx.cfg.prior.reduction == "tokenizer":
+        return tokenizer_reference(ctx, items, backbone=backbone, **provenance)
     net, encode = grid_backbone(ctx, backbone, **(backbone_kw or {}))
     h, w = latent_grid(ctx.cfg)
     shards = extract(ctx, items.dataset, encode, source=f"{backbone}:{net.weights_source}",
@@ -181,3 +203,46 @@ def backbone_prior(ctx: BuildContext, backbone: str, items: Items, backbone_kw: 
     prov = {"backbone": backbone, "weights_source": net.weights_source, "feature_dim": int(net.out_channels),
             "backbone_input_px": int(net.input_size), "images": len(items), **(backbone_kw or {}), **provenance}
     return reference_from_shards(ctx, shards, ctx.cfg.data.num_classes, prov)
+
+
+class Flipped(Dataset):
+    """`(img.flip(-1), label)` of every item of a dataset of images."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        img, y = self.dataset[i]
+        return img.flip(-1), y
+
+
+def tokenizer_reference(ctx: BuildContext, items: Items, **provenance: Any) -> ReferenceSet:
+    """The reference set of App. A.2: "we first extract the latent representations for the entire ImageNet
+    dataset using the frozen encoder and projector from the previous stage trained tokenizer".
+
+    The tokenizer is the artifact the prior declared as its `tokenizer` input (the row's own tokenizer when
+    its backbone is the prior's, so DMD starts at the reference). Latents of the training images (and of
+    their flips, `prior.tokenizer_flips`) normalised with the tokenizer's own latent mean / scale, exactly
+    the space the DMD stage compares (`DMVAE.to_reference`)."""
+    from torch.utils.data import ConcatDataset
+
+    from dmvae_study.build import load_tokenizer
+    art = ctx.inputs["tokenizer"]
+    tok = load_tokenizer(art, ctx.device)
+    c, h, w = tok.latent_channels, *latent_grid(ctx.cfg)
+    ds: Dataset = items.dataset
+    if ctx.cfg.prior.tokenizer_flips:
+        ds = ConcatDataset([ds, Flipped(ds)])
+    shards = extract(ctx, ds, lambda img: tok.normalize(tok.encode(img.to(ctx.device))), source=f"tokenizer:{art.path.name}",
+                     item_bytes=4 * c * h * w, desc=f"{ctx.cfg.prior.name} (tokenizer latents)", keep_fp32=True)
+    x = torch.cat(list(shards.features()))
+    summary = art.summary()
+    sources = [str(v) for k, v in summary.items() if k.endswith("_weights")]
+    prov = {"tokenizer": art.path.name, "weights_source": sources[0] if sources else "trained",
+            "images": len(items), "flips": bool(ctx.cfg.prior.tokenizer_flips), "reducer": "tokenizer",
+            "latent_mean": float(tok.latent_mean), "latent_scale": float(tok.latent_scale), **provenance}
+    return ReferenceSet(x=x, y=shards.labels(), num_classes=ctx.cfg.data.num_classes, mean=float(tok.latent_mean),
+                        scale=float(tok.latent_scale), provenance=prov, exact=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from dmvae_study.reference import ReferenceSet
-from priors.registry import BuildContext, latent_grid, register, sample_count
+from priors.registry import REDUCTIONS, BuildContext, latent_grid, register, sample_count
 
 
-@register("gaussian", kind="synthetic", order=70)
+@register("gaussian", kind="synthetic", order=70, reduction="none", reductions=REDUCTIONS)  # drawn at reduced_dim
 def build(ctx: BuildContext) -> ReferenceSet:
     """Standard normal samples in the latent shape, unlabelled."""
     cfg = ctx.cfg

@@ -18,7 +18,7 @@ import torch
 
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import save_torch
-from priors.registry import BuildContext, latent_grid, register, sample_count
+from priors.registry import REDUCTIONS, BuildContext, latent_grid, register, sample_count
 
 GMM_STD = 0.5
 
@@ -34,7 +34,7 @@ def gmm_parameters(ctx: BuildContext) -> tuple[torch.Tensor, float, torch.Tensor
     return means.float().reshape(k, *shape), GMM_STD, torch.full((k,), 1.0 / k)
 
 
-@register("gmm", kind="synthetic", order=60)
+@register("gmm", kind="synthetic", order=60, reduction="none", reductions=REDUCTIONS)  # drawn at reduced_dim
 def build(ctx: BuildContext) -> ReferenceSet:
     """Samples of a K-component isotropic Gaussian mixture in the latent shape; label = component."""
     means, s, weights = gmm_parameters(ctx)

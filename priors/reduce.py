@@ -106,7 +106,7 @@ class BottleneckReducer(nn.Module):
     Inputs are centred and divided by one scalar (their overall std), which keeps the objective
     the plain MSE of the raw features. Hidden width `min(max(2D, 8r, 64), 512)`."""
 
-    name = "bottleneck"
+    name = "feature_ae"
 
     def __init__(self, reduced_dim: int, steps: int, seed: int = 0, progress: bool = False):
         super().__init__()
@@ -150,11 +150,12 @@ class BottleneckReducer(nn.Module):
 
 
 def make_reducer(kind: str, reduced_dim: int, steps: int, seed: int = 0, progress: bool = False) -> Reducer:
+    """`kind` is a `prior.reduction` on features: feature_ae (the bottleneck autoencoder) or pca."""
     if kind == "pca":
         return PCAReducer(reduced_dim)
-    if kind == "bottleneck":
+    if kind == "feature_ae":
         return BottleneckReducer(reduced_dim, steps, seed, progress)
-    raise ValueError(f"unknown reducer {kind!r}; choose bottleneck, pca or none")
+    raise ValueError(f"reduction {kind!r} does not reduce features; choose feature_ae, pca or none")
 
 
 def _none_report(d: int, note: str) -> dict:
@@ -174,10 +175,10 @@ def reduce_chunks(chunks: Callable[[], Iterable[torch.Tensor]], cfg: PriorConfig
     Report: reducer, in/out dims, `recon_mse` (mean squared error per feature value, raw units),
     `reducer_rel_error` (= SSE / total sum of squares about the channel means = 1 - explained)."""
     pcfg = cfg.prior if isinstance(cfg, ExperimentConfig) else cfg
-    r, kind = pcfg.reduced_dim, pcfg.reducer
+    r, kind = pcfg.reduced_dim, pcfg.reduction or "feature_ae"
     if kind == "none":
         x = torch.cat(list(chunks())).float()
-        return x, _none_report(x.shape[1], "prior.reducer=none")
+        return x, _none_report(x.shape[1], "prior.reduction=none")
     first = next(iter(chunks()))
     d, h, w = first.shape[1:]
     if d <= r:
@@ -211,7 +212,7 @@ def reduce_chunks(chunks: Callable[[], Iterable[torch.Tensor]], cfg: PriorConfig
     rel = sse / max(sst, 1e-30)
     report = {"reducer": reducer.name, "reducer_in_dim": int(d), "reducer_dim": int(r),
               "reducer_fit_tokens": int(fit_tokens.shape[0]),
-              "reducer_steps": int(pcfg.reducer_steps) if kind == "bottleneck" else 0,
+              "reducer_steps": int(pcfg.reducer_steps) if kind == "feature_ae" else 0,
               "recon_mse": sse / (total * d), "reducer_rel_error": rel, "explained": 1.0 - rel}
     return torch.cat(codes), report
 
@@ -219,6 +220,6 @@ def reduce_chunks(chunks: Callable[[], Iterable[torch.Tensor]], cfg: PriorConfig
 def reduce(features: torch.Tensor, cfg: PriorConfig | ExperimentConfig, *, seed: int = 0,
            device: torch.device | str = "cpu", progress: bool = False) -> tuple[torch.Tensor, dict]:
     """Reduce in-memory features `(N, D, h, w)` to codes `(N, reduced_dim, h, w)` (Sec. 3.2); see
-    `reduce_chunks` for the report. `prior.reducer == "none"` or `D <= reduced_dim` keeps them."""
+    `reduce_chunks` for the report. `prior.reduction == "none"` or `D <= reduced_dim` keeps them."""
     return reduce_chunks(lambda: [features], cfg, counts=[features.shape[0]], seed=seed, device=device,
                          progress=progress)

@@ -1,7 +1,9 @@
 """The priors registry: one name -> one builder of a reference set (paper Sec. 4).
 
 A prior is one module in this package whose builder is decorated with
-`@register("name", kind="data" | "synthetic")`. `kind` is the paper's family (Sec. 4):
+`@register("name", kind="data" | "synthetic")`; everything a study needs to know about it is declared
+there (its default reduction, the artifacts it needs, a resolve hook, what it stands in for), so
+adding a prior is adding one file. `kind` is the paper's family (Sec. 4):
 "data" is Category 1 (data-derived: DINOv2, ResNet, SigLIP text, LDM noise states) and
 "synthetic" is Category 2 (data-independent: Gaussian, GMM, and the sub-sampled SSL features,
 which the paper files there because they do not represent the full data distribution).
@@ -11,6 +13,7 @@ synthetic ones). `build_reference(ctx)` is the one entry point stages call.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +24,8 @@ from typing import Callable, Literal
 import torch
 import torch.distributed as dist
 
-from dmvae_study.config import ExperimentConfig
+from dmvae_study.config import ExperimentConfig, latent_shape
+from dmvae_study.pipeline import BASELINE_ROWS, Inputs
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import ArtifactDir
 
@@ -29,7 +33,8 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["data", "synthetic"]
 DM_WEIGHT: dict[str, float] = {"data": 10.0, "synthetic": 1.0}  # Sec. 4, "Experimental Setting"
-BASELINE_ROWS: tuple[str, ...] = ("vae", "vavae")  # study rows trained without a reference set
+REDUCTIONS = ("tokenizer", "feature_ae", "pca", "none")   # prior.reduction (Sec. 3.2)
+FEATURE_REDUCTIONS = ("feature_ae", "pca", "none")         # for priors without an image backbone
 WAIT_TIMEOUT_S = 6 * 3600.0  # how long a rank waits for the other ranks' shards / rank 0's save
 
 
@@ -47,8 +52,8 @@ class BuildContext:
     device: torch.device | str = "cpu"
     rank: int = 0
     world: int = 1
-    # ldm_noise: images (B, C, H, W) in [-1, 1] -> latents (B, c, h, w) of the study's beta-VAE
-    baseline_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the artifacts the prior declared in `needs`, built before it (label -> folder)
+    inputs: dict[str, ArtifactDir] = dataclasses.field(default_factory=dict)
     progress: bool = False                     # tqdm bars (rank 0 of a stage)
 
     @property
@@ -72,26 +77,42 @@ class PriorSpec:
     name: str
     kind: Kind
     build: Builder
-    order: int      # position in the study tables (the paper's Table 1 order)
-    doc: str        # first docstring line of the builder
+    order: int                  # position in the study tables (the paper's Table 1 order)
+    doc: str                    # first docstring line of the builder
+    reduction: str              # default prior.reduction
+    reductions: tuple[str, ...]  # the reductions it supports
+    needs: Callable[[ExperimentConfig], Inputs] | None = None   # artifacts built before its reference set
+    resolve: Callable[[ExperimentConfig], ExperimentConfig] | None = None  # fills the prior's derived fields
+    stand_in: Callable[[ExperimentConfig], str | None] | None = None       # "what stands in for what" label
 
 
 _REGISTRY: dict[str, PriorSpec] = {}
 
 
-def register(name: str, *, kind: Kind, order: int = 100) -> Callable[[Builder], Builder]:
-    """Decorator: `@register("gmm", kind="synthetic")` makes `build(ctx) -> ReferenceSet` a prior."""
+def register(name: str, *, kind: Kind, order: int = 100, reduction: str = "feature_ae",
+             reductions: tuple[str, ...] = FEATURE_REDUCTIONS, needs: Callable[[ExperimentConfig], Inputs] | None = None,
+             resolve: Callable[[ExperimentConfig], ExperimentConfig] | None = None,
+             stand_in: Callable[[ExperimentConfig], str | None] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: `@register("gmm", kind="synthetic")` makes `build(ctx) -> ReferenceSet` a prior.
+
+    `reduction` / `reductions`: its default and allowed `prior.reduction`; `needs(cfg)`: artifacts it
+    consumes, `{label: (stage, row config)}` (e.g. the study's beta-VAE tokenizer), handed to the
+    builder as `ctx.inputs[label]`; `resolve(cfg)`: fills its own derived config fields; `stand_in(cfg)`:
+    a label saying what this row stands in for at this preset (e.g. "Lite0 in DINOv2's place")."""
     if kind not in DM_WEIGHT:
         raise ValueError(f"prior {name!r}: kind must be one of {', '.join(DM_WEIGHT)}, got {kind!r}")
     if name in BASELINE_ROWS:
         raise ValueError(f"{name!r} is a baseline row name and cannot be a prior")
+    if reduction not in reductions or not set(reductions) <= set(REDUCTIONS):
+        raise ValueError(f"prior {name!r}: reduction {reduction!r} must be one of its reductions {reductions}")
 
     def deco(fn: Builder) -> Builder:
         old = _REGISTRY.get(name)
         if old is not None and (old.build.__module__, old.build.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"prior {name!r} is registered twice ({old.build.__module__} and {fn.__module__})")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = PriorSpec(name, kind, fn, order, doc)
+        _REGISTRY[name] = PriorSpec(name, kind, fn, order, doc, reduction, tuple(reductions), needs, resolve,
+                                    stand_in)
         return fn
     return deco
 
@@ -109,17 +130,10 @@ def get(name: str) -> PriorSpec:
     return _REGISTRY[name]
 
 
-def default_dm_weight(name: str) -> float:
-    """DM weight of a prior's study row by its kind (Sec. 4: data-derived 10, synthetic 1)."""
-    return DM_WEIGHT[get(name).kind]
-
-
 def latent_grid(cfg: ExperimentConfig) -> tuple[int, int]:
-    """Token grid `(h, w)` of the tokenizer latent: `data.resolution // stride`, where the stride is
-    `tokenizer.encoder_stride` for the small conv encoder and `tokenizer.backbone_patch or 14` for
-    ViT backbones (`dmvae_study.build.tokenizer_stride`). Spatial priors are built on this grid, so
-    the DMD projection head is a per-token MLP (paper: 16x16 for DINOv2-L/16 at 256 px)."""
-    from dmvae_study.build import latent_shape
+    """Token grid `(h, w)` of the DMVAE tokenizer latent: `data.resolution // tokenizer.encoder_stride`
+    (`dmvae_study.config.latent_shape`). Spatial priors are built on this grid, so the DMD projection
+    head is a per-token MLP (paper: 16x16 for DINOv2-L/16 at 256 px)."""
     _, h, w = latent_shape(cfg)
     return h, w
 
@@ -131,15 +145,6 @@ def sample_count(cfg: ExperimentConfig) -> int:
         return cfg.prior.num_samples
     from dmvae_study.data import build_dataset
     return len(build_dataset(cfg.data, "train", hflip=False))
-
-
-def config_digest(cfg: ExperimentConfig) -> str:
-    """Digest of what determines a reference set: data, prior (not its DM weight) and run seed."""
-    prior = cfg.prior.to_dict()
-    prior.pop("dm_weight", None)
-    blob = json.dumps({"data": cfg.data.to_dict(), "prior": prior, "seed": cfg.run.seed,
-                       "allow_random_weights": cfg.run.allow_random_weights}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 class HandedOff(Exception):
@@ -189,8 +194,8 @@ def build_reference(ctx: BuildContext) -> ReferenceSet:
         cfg = ctx.cfg
         common = {"prior": spec.name, "kind": spec.kind, "dataset": cfg.data.dataset,
                   "data_root": cfg.data.root, "resolution": cfg.data.resolution, "count": len(ref),
-                  "sample_shape": list(ref.sample_shape), "seed": cfg.run.seed,
-                  "config_digest": config_digest(cfg), "world": ctx.world, "build_s": round(time.time() - t0, 2)}
+                  "sample_shape": list(ref.sample_shape), "seed": cfg.run.seed, "reduction": cfg.prior.reduction,
+                  "artifact": ctx.art.path.name, "world": ctx.world, "build_s": round(time.time() - t0, 2)}
         ref.provenance = {**common, **ref.provenance}
         ref.provenance["random_init"] = "random-init" in str(ref.provenance.get("weights_source", ""))
         ref.save(ctx.art, cfg.prior.shard_size)

@@ -8,16 +8,17 @@ Classes: `prior.classes`, else `default_classes(data.num_classes)`:
 - 10 classes or fewer (Fashion-MNIST): the first half, 0 .. num_classes // 2 - 1 (all 10 would be
   the full prior);
 - otherwise 10 evenly spaced ids `round(k * num_classes / 10)`.
-Labels keep their dataset class ids (num_classes unchanged).
+Labels keep their dataset class ids (num_classes unchanged). The reference is built exactly as the
+dinov2 prior's (same tokenizer or reducer), restricted to those classes.
 """
 
 from __future__ import annotations
 
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.reference import ReferenceSet
-from priors.dinov2 import dino_backbone
-from priors.extract import backbone_prior, training_items
-from priors.registry import BuildContext, register
+from priors.dinov2 import dino_backbone, dino_stand_in
+from priors.extract import backbone_prior, backbone_tokenizer_needs, training_items
+from priors.registry import REDUCTIONS, BuildContext, register
 
 # tench, English springer, cassette player, chain saw, church, French horn, garbage truck,
 # gas pump, golf ball, parachute: standard ImageNet-1k indices (sorted synset order).
@@ -41,8 +42,9 @@ def sub_classes(cfg: ExperimentConfig) -> tuple[int, ...]:
     return tuple(int(c) for c in classes)
 
 
-@register("sub_dino", kind="synthetic", order=50)
+@register("sub_dino", kind="synthetic", order=50, reduction="tokenizer", reductions=REDUCTIONS,
+          needs=backbone_tokenizer_needs(dino_backbone), stand_in=dino_stand_in)
 def build(ctx: BuildContext) -> ReferenceSet:
-    """DINOv2 spatial tokens of the training images of 10 classes only, reduced."""
+    """The dinov2 prior's latents (same tokenizer) of the training images of 10 classes only."""
     classes = sub_classes(ctx.cfg)
     return backbone_prior(ctx, dino_backbone(ctx.cfg), training_items(ctx, classes), classes=list(classes))

@@ -87,13 +87,13 @@ def _load(target: str, preset: str, overrides: list[str]) -> tuple[ReferenceSet 
         d = load_torch(p)
         x = d.get("x", d.get("z")) if isinstance(d, dict) else d
         return x, d.get("y") if isinstance(d, dict) else None
-    # a prior name: the pipeline's reference artifact for this config, built here if missing
+    # a prior name: the pipeline's reference artifact for this row, built here (with its inputs) if missing
     from dmvae_study.config import preset as make_preset
-    from priors import BuildContext, build_reference
-    from trainers import artifacts
-    cfg = make_preset(preset, [f"prior.name={target}", *overrides])
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return build_reference(BuildContext(cfg=cfg, art=artifacts.reference(cfg), device=dev, progress=True)), None
+    from dmvae_study.pipeline import LaunchOptions, artifact, resolve
+    from trainers.launch import ensure  # the CLI convenience; the registry itself never imports trainers
+    cfg = resolve(make_preset(preset, overrides), target)
+    ensure("reference", cfg, LaunchOptions(row=target))
+    return ReferenceSet.load(artifact(cfg, "reference")), None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
   ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
     || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be looked up elsewhere" >&2
 fi
+# Headless Chromium and its driver for the report's browser test (tests/test_report_browser.py).
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    || echo "note: could not install chromium chromium-driver; the report's browser test will be skipped" >&2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first: the build this machine serves from local disk when it has one, any torch>=2.4 otherwise.

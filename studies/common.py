@@ -1,19 +1,25 @@
-"""What the study scripts share: the CLI, Ray start-up, the Tune trial driver, and table output.
+"""What the study scripts share: the CLI, row resolution and validation before Ray, the Tune trial
+driver, failure reporting and table output.
 
 Layering (Ray's documented pattern): Tune trial -> driver function `row_trial` -> `run_pipeline`,
 which runs a row's stages in-process (one worker) or on a Ray Train TorchTrainer (several workers).
-Tune never receives a TorchTrainer directly (Ray Train V2 rejects that).
+Every row is resolved (`dmvae_study.pipeline.resolve`) and validated in the driver before Ray starts,
+so a bad setting costs seconds; a trial receives its resolved config and runs it unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import shutil
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,43 +27,195 @@ if __package__ in (None, ""):
 import pandas as pd
 
 from dmvae_study.config import PRESETS, ExperimentConfig, preset
-from dmvae_study.configlib import ConfigError
+from dmvae_study.configlib import ConfigError, dump_yaml, parse_overrides, read_overrides
+from dmvae_study.pipeline import LaunchOptions, derived, resolve
 from dmvae_study.store import atomic_write_text, preflight_writable
+
+STUDY_FORMAT = 2  # results-folder layout version (rows/<label>.json with "derived"; the stage table's keys)
+
+
+class UserError(Exception):
+    """A user mistake the CLI reports in one line (exit code 2, no traceback unless --debug)."""
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="named preset (default: smoke)")
-    p.add_argument("--out", default="results", help="results root; the study writes <out>/<study>/")
+    p.add_argument("--out", default="results", help="results root; the study writes <out>/<study>/ (default: results)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="partial config file(s) applied over the preset, before --set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, repeatable, e.g. --set dmd.dm_weight=20")
-    p.add_argument("--restart", action="store_true", help="delete this study's results and start over")
+                   help="dotted config override, repeatable, e.g. --set dmd.dm_weight=20 (wins over every default)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2",
+                   help="run every row once per seed (one Tune trial each), e.g. --seeds 0,1,2")
+    p.add_argument("--restart", action="store_true",
+                   help="start the Tune experiment over; finished stages are still reused from the artifact store")
+    p.add_argument("--clean", action="store_true", help="delete this study's cached work (store, Tune state, "
+                   "manifests) before running; asks for confirmation unless --yes")
+    p.add_argument("--yes", action="store_true", help="do not ask before --clean deletes")
+    p.add_argument("--dry-run", action="store_true", help="print each row's stage plan, what is reused and the "
+                   "estimated cost, then exit (no Ray, no data)")
+    p.add_argument("--print-config", action="store_true", help="print each row's resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("--mlflow", metavar="TRACKING_URI", help="also log trials to MLflow (Tune's MLflowLoggerCallback)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log trials to Weights & Biases (credentials from the "
+                   "environment: WANDB_API_KEY)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
     return p
 
 
-def study_config(args: argparse.Namespace, name: str) -> ExperimentConfig:
-    """The study's resolved config; a bad `--set` or an unusable `--out` ends the CLI with a one-line
-    error (exit code 1, no traceback) before Ray starts or anything trains."""
+def cli(main: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None], Any]:
+    """Run a study's `main`; any user error ends the process with one line and exit code 2."""
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> Any:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if "--debug" in argv:
+                raise
+            print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapped
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dmvae_study.data import DatasetNotFoundError
+    from dmvae_study.weights import MissingWeightsError
+    return (ConfigError, UserError, MissingWeightsError, DatasetNotFoundError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def split_list(text: str | None, what: str, cast: Callable[[str], Any] = str) -> list[Any] | None:
+    """`"a,b,a"` -> `["a", "b"]`: a value listed twice is run once, with a printed notice (which run the
+    user meant is clear: the same one)."""
+    if text is None:
+        return None
+    items = [s.strip() for s in text.split(",") if s.strip()]
     try:
-        cfg = preset(args.preset, list(args.overrides) + [f"run.out_dir={args.out}", f"run.name={name}"])
-        root = Path(args.out) / name
-        if args.restart and root.exists():
-            shutil.rmtree(root)
+        vals = [cast(s) for s in items]
+    except ValueError:
+        raise UserError(f"{what}={text}: expected a comma-separated list, e.g. 0,1,2") from None
+    seen: list[Any] = []
+    for v in vals:
+        if v in seen:
+            print(f"note: {what} lists {v} twice; running it once", file=sys.stderr)
+        else:
+            seen.append(v)
+    if not seen:
+        raise UserError(f"{what}={text!r}: the list is empty")
+    return seen
+
+
+# ---- the study ---------------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    name: str                               # e.g. table1-smoke
+    root: Path                              # <out>/<name>, absolute
+    base: ExperimentConfig                  # preset + --config + --set
+    rows: dict[str, ExperimentConfig]       # row label -> resolved config
+    args: argparse.Namespace
+
+
+def base_config(args: argparse.Namespace, name: str) -> ExperimentConfig:
+    """The preset with `--config` files then `--set` applied; `--out` made absolute now, so every artifact,
+    manifest and table lands under `<out>/<name>/` whatever directory Ray's trials run in."""
+    overrides: dict[str, Any] = {}
+    for path in args.config:
+        overrides.update(read_overrides(path))
+    overrides.update(parse_overrides(list(args.overrides), strict=True))
+    out = str(Path(args.out).expanduser().resolve())
+    for key in ("run.out_dir", "run.name"):
+        if key in overrides:
+            raise ConfigError(f"{key} is set by the study (use --out DIR), not --set", key=key)
+    return preset(args.preset, {**overrides, "run.out_dir": out, "run.name": name})
+
+
+def resolve_rows(base: ExperimentConfig, rows: dict[str, dict[str, Any]], seeds: list[int] | None) -> dict[str, ExperimentConfig]:
+    """Row label -> resolved config; with several seeds, one row per (row, seed) labelled `<row>-s<seed>`.
+    Every row is resolved and validated here, before Ray starts."""
+    from dmvae_study.configlib import apply_overrides
+    out: dict[str, ExperimentConfig] = {}
+    for row, over in rows.items():
+        cfg = apply_overrides(base, over) if over else base
+        for seed in seeds or [cfg.run.seed]:
+            c = cfg.replace(run=cfg.run.replace(seed=seed)) if seeds else cfg
+            label = f"{row}-s{seed}" if seeds and len(seeds) > 1 else row
+            out[label] = resolve(c)
+            check_row(out[label])
+    return out
+
+
+def check_row(cfg: ExperimentConfig) -> None:
+    """Cross-field rules that need the dataset: evaluation counts within the data the row has."""
+    if cfg.data.dataset == "fmnist":
+        n_train = min(cfg.data.train_limit or 60_000, 60_000)
+        n_val = min(cfg.data.val_limit or 10_000, 10_000)
+        if cfg.eval.gfid_ref_images is not None and cfg.eval.gfid_ref_images > n_train:
+            raise ConfigError(f"eval.gfid_ref_images={cfg.eval.gfid_ref_images}: must be <= the {n_train} training "
+                              f"images, e.g. eval.gfid_ref_images={n_train}", key="eval.gfid_ref_images")
+        if cfg.eval.rfid_images > n_val and cfg.data.val_limit is not None:
+            raise ConfigError(f"eval.rfid_images={cfg.eval.rfid_images}: must be <= data.val_limit={n_val}, "
+                              f"e.g. eval.rfid_images={n_val}", key="eval.rfid_images")
+
+
+def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]) -> Study | None:
+    """Resolve and validate every row, check the results location, handle --clean / --restart, and answer
+    --print-config / --dry-run; returns None when nothing is to run. Nothing here starts Ray."""
+    base = base_config(args, name)
+    seeds = split_list(args.seeds, "--seeds", int)
+    resolved = resolve_rows(base, rows, seeds)
+    root = Path(base.run.out_dir) / name
+    if args.print_config:
+        for label, cfg in resolved.items():
+            print(f"# ---- row {label}: derived {json.dumps(derived(cfg), default=str)}\n{dump_yaml(cfg)}")
+        return None
+    if args.dry_run:
+        from dmvae_study.cost import dry_run_report
+        print(dry_run_report(resolved))
+        return None
+    if args.clean and root.exists():
+        if not args.yes:
+            answer = input(f"delete every cached artifact, Tune state and manifest under {root}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise UserError("--clean not confirmed; nothing was deleted")
+        shutil.rmtree(root)
+    try:
         preflight_writable(root)
-    except (ConfigError, OSError) as e:  # PermissionError (read-only) and full disk are OSErrors
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
-    return cfg
+    except OSError as e:
+        raise UserError(str(e)) from None
+    check_format(root)
+    return Study(name, root, base, resolved, args)
+
+
+def check_format(root: Path) -> None:
+    """A results folder written by an incompatible version of the platform is refused, not mixed."""
+    marker = root / "STUDY_FORMAT"
+    if marker.exists():
+        found = marker.read_text().strip()
+        if found != str(STUDY_FORMAT):
+            raise UserError(f"{root} holds results of study format {found}, this platform writes format "
+                            f"{STUDY_FORMAT}; choose another --out or start over with --clean")
+    elif (root / "rows").exists() or (root / "store").exists():
+        raise UserError(f"{root} holds results of an older platform version (no STUDY_FORMAT marker); "
+                        f"choose another --out or start over with --clean")
+    else:
+        atomic_write_text(marker, f"{STUDY_FORMAT}\n")
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to a cluster, or start a local one (dashboard off, bound to loopback)."""
+    """Connect to a cluster, or start a local one (dashboard off, bound to loopback). Worker output
+    (one progress line per stage interval) reaches this console and `ray job logs`."""
     import ray
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
                  _temp_dir=os.environ.get("RAY_TMPDIR"))
 
 
@@ -70,71 +228,159 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": 0.01}
 
 
-def max_concurrency(cfg: ExperimentConfig) -> int:
-    """Concurrent trials the cluster holds: GPUs (or CPUs) over what one trial's workers reserve."""
-    if cfg.run.max_concurrent_trials:
-        return cfg.run.max_concurrent_trials
-    import ray
-    res = ray.cluster_resources()
-    if cfg.run.use_gpu:
-        return max(int(res.get("GPU", 0) // cfg.run.num_workers), 1)
-    return max(int(res.get("CPU", 1) // (cfg.run.num_workers * cfg.run.cpus_per_worker)), 1)
+def max_concurrency(cfg: ExperimentConfig, n_trials: int) -> int:
+    """Concurrent trials: `run.max_concurrent_trials`, else every trial (Ray queues what does not fit)."""
+    return cfg.run.max_concurrent_trials or max(n_trials, 1)
+
+
+# ---- one trial -----------------------------------------------------------------------------------------
+
+def setup_logging() -> None:
+    """INFO lines of the platform (progress, warnings) on stderr of this process."""
+    import logging
+    lg = logging.getLogger("dmvae_study")
+    lg.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) for h in lg.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
 
 
 def row_trial(config: dict[str, Any]) -> None:
-    """Tune trial driver: one row of a study (a prior, or a point of an ablation grid)."""
+    """Tune trial driver: one row of a study (a prior, a point of an ablation grid, a seed)."""
     from ray import tune
 
-    from dmvae_study.configlib import apply_overrides
     from trainers.launch import run_pipeline, write_manifest
-    cfg = apply_overrides(ExperimentConfig.from_dict(config["experiment"]), config["row_overrides"][config["row"]])
+    setup_logging()
+    label = config["row"]
+    cfg = ExperimentConfig.from_dict(config["rows"][label])
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    opts = LaunchOptions(row=label, report="tune", log_file=str(root / "logs" / f"{label}.log"))
     t0 = time.time()
-    results = run_pipeline(cfg, name=f"{cfg.run.name}-{config['row']}")
+    failed = root / "rows" / f"{label}.failed.json"
+    try:
+        results = run_pipeline(cfg, opts=opts)
+    except Exception as e:
+        blob = {"row": label, "stage": getattr(e, "dmvae_stage", None), "error": f"{type(e).__name__}: {e}",
+                "log": opts.log_file, "traceback": traceback.format_exc()}
+        atomic_write_text(failed, json.dumps(blob, indent=1))
+        raise
+    failed.unlink(missing_ok=True)
     wall = time.time() - t0
-    write_manifest(cfg, config["row"], results, wall)
-    tune.report(flatten_row(cfg, config["row"], results, wall))
+    write_manifest(cfg, label, results, wall)
+    tune.report({**flatten_row(cfg, label, results, wall), "row_done": 1})
 
 
 def flatten_row(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The table row: metrics named by extractor, the values the study derived for the row, cost."""
     ev = results.get("eval", {})
     tag = ev.get("extractor", cfg.eval.extractor)
     gpus = cfg.run.num_workers if cfg.run.use_gpu else 0
-    return {"row": row, "prior": cfg.prior.name, "rfid": ev.get(f"rfid_{tag}"), "psnr": ev.get("psnr"),
-            "gfid": ev.get(f"gfid_{tag}"), "is": ev.get(f"is_{tag}"), "extractor": tag,
-            "gfid_samples": ev.get("gfid_samples"),
-            "matching_swd": (results.get("dmd") or {}).get("match/swd"),
+    d = derived(cfg)
+    return {"row": row, "prior": cfg.prior.name, "seed": cfg.run.seed, "rfid": ev.get(f"rfid_{tag}"),
+            "psnr": ev.get("psnr"), "gfid": ev.get(f"gfid_{tag}"), "is": ev.get(f"is_{tag}"), "extractor": tag,
+            "gfid_samples": ev.get("gfid_samples"), "matching_swd": (results.get("dmd") or {}).get("match/swd"),
             "diversity": ev.get(f"diversity_{tag}"), "latent_diversity": ev.get("latent_diversity"),
-            "wall_s": wall_s, "gpu_hours": wall_s * gpus / 3600.0, "random_init": bool(ev.get("random_init"))}
+            "dm_weight": d["dm_weight"], "cfg_scale": d["cfg_scale"], "timestep_schedule": d["timestep_schedule"],
+            "score_net_size": d["score_net_size"], "reduction": d["reduction"], "stand_in": d["stand_in"],
+            "wall_s": wall_s, "gpu_hours": wall_s * gpus / 3600.0, "random_init": bool(ev.get("random_init")),
+            "status": "ok"}
 
 
-def run_tune(cfg: ExperimentConfig, rows: dict[str, dict[str, Any]], address: str | None) -> pd.DataFrame:
-    """One Tune trial per row (`rows`: row name -> dotted overrides); resumes an interrupted study."""
+# ---- the whole study ------------------------------------------------------------------------------------
+
+def run_shared_work(study: Study) -> None:
+    """Stages two or more rows need (the shared tokenizer, a beta-VAE that is also an LDM, a reference set
+    and teacher shared by ablation points) run once, before the trials, so trials do not queue on locks."""
+    from dmvae_study.pipeline import shared_work
+    from trainers.launch import ensure
+    setup_logging()
+    for stage, cfg in shared_work(list(study.rows.values())):
+        if cfg.run.num_workers == 1:
+            ensure(stage, cfg, LaunchOptions(row="shared"))
+        else:
+            from trainers.launch import run_pipeline
+            run_pipeline(cfg, stages=[stage], opts=LaunchOptions(row="shared"))
+
+
+def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
+    """Shared work, then one Tune trial per row (resuming an interrupted study), then the tables.
+    Any failed row: the table still lists it (status failed), a summary names row, stage, error and
+    log, and the process exits non-zero."""
+    init_ray(study.args.address)
+    run_shared_work(study)
+    df = run_tune(study)
+    order = [r for r in study.rows if r in set(df["row"])] if len(df) else []
+    df = df.set_index("row").loc[order].reset_index() if len(df) else df
+    show = write_tables(df, study.root, stem, caption)
+    print(show.to_markdown(index=False, floatfmt=".3g"))
+    print(f"\nwrote {study.root}/{stem}.csv, .parquet, .md, .tex; report: python -m dmvae_study.report {study.root}")
+    failed = df[df["status"] != "ok"] if len(df) else df
+    if len(failed):
+        print(f"\n{len(failed)} row(s) failed:", file=sys.stderr)
+        for _, r in failed.iterrows():
+            print(f"  {r['row']}: stage {r.get('failed_stage') or '?'}: {r.get('error')}  (log: {r.get('log')})",
+                  file=sys.stderr)
+        raise SystemExit(1)
+    return df
+
+
+def run_tune(study: Study) -> pd.DataFrame:
+    """One Tune trial per row; the same command resumes an interrupted study (`Tuner.restore`)."""
     from ray import tune
-    init_ray(address)
-    root = Path(cfg.run.out_dir).resolve() / cfg.run.name
-    trainable = tune.with_resources(row_trial, trial_resources(cfg))
-    # One Tune experiment per (config, row set): rerunning the same command restores it; asking for
-    # other rows starts a new one (finished stages are still reused from the artifact store).
+
     from dmvae_study.store import config_digest
-    path = root / f"tune-{config_digest({'experiment': cfg.to_dict(), 'rows': rows}, 8)}"
-    space = {"experiment": cfg.to_dict(), "row": tune.grid_search(list(rows)), "row_overrides": rows}
+    rows = {k: v.to_dict() for k, v in study.rows.items()}
+    first = next(iter(study.rows.values()))
+    trainable = tune.with_resources(row_trial, trial_resources(first))
+    # One Tune experiment per row set: rerunning the same command restores it; other rows or settings start
+    # a new one (finished stages are still reused from the artifact store).
+    path = study.root / f"tune-{config_digest(rows, 8)}"
+    if study.args.restart and path.exists():
+        shutil.rmtree(path)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrency(cfg)),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(root), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
-        )
+            trainable, param_space={"row": tune.grid_search(list(rows)), "rows": rows},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrency(first, len(rows))),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(study.root), verbose=1,
+                                      callbacks=tracking_callbacks(study.args),
+                                      failure_config=tune.FailureConfig(max_failures=first.run.max_failures)))
     grid = tuner.fit()
     records = []
     for r in grid:
-        if r.error:
-            print(f"[study] row {r.config.get('row')} failed: {r.error}", file=sys.stderr)
+        label = r.config.get("row")
+        if r.error or not r.metrics.get("row_done"):
+            info = _failure(study.root, label)
+            records.append({"row": label, "prior": study.rows[label].prior.name, "status": "failed",
+                            "failed_stage": info.get("stage"), "error": info.get("error") or str(r.error),
+                            "log": info.get("log")})
             continue
-        records.append(dict(r.metrics))
+        records.append({k: v for k, v in r.metrics.items() if not str(k).split("/")[0] in _STAGE_PREFIXES
+                        and k != "row_done"})
     return pd.DataFrame.from_records(records)
+
+
+_STAGE_PREFIXES = {"tokenizer", "reference", "teacher", "dmd", "refine", "latents", "generator", "eval",
+                   "config", "time_this_iter_s", "time_total_s", "training_iteration"}
+
+
+def _failure(root: Path, label: str) -> dict[str, Any]:
+    p = root / "rows" / f"{label}.failed.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def tracking_callbacks(args: argparse.Namespace) -> list:
+    """MLflow / W&B loggers for Tune, only when asked for by flag (credentials from the environment)."""
+    cbs = []
+    if args.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        cbs.append(MLflowLoggerCallback(tracking_uri=args.mlflow, experiment_name="dmvae-study"))
+    if args.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+        cbs.append(WandbLoggerCallback(project=args.wandb))
+    return cbs
 
 
 def write_tables(df: pd.DataFrame, root: Path, stem: str, caption: str) -> pd.DataFrame:
@@ -142,7 +388,7 @@ def write_tables(df: pd.DataFrame, root: Path, stem: str, caption: str) -> pd.Da
     column names, the same rendering `python -m dmvae_study.report` uses)."""
     from dmvae_study.report import display_table
     root.mkdir(parents=True, exist_ok=True)
-    df.to_csv(root / f"{stem}.csv", index=False)
+    atomic_write_text(root / f"{stem}.csv", df.to_csv(index=False))
     df.to_parquet(root / f"{stem}.parquet", index=False)
     show, note = display_table(df)
     atomic_write_text(root / f"{stem}.md", f"{caption}\n\n{show.to_markdown(index=False, floatfmt='.3g')}\n\n{note}\n")

@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 
 from dmvae_study.configlib import apply_overrides
+from dmvae_study.objectives.dm import FIG3_OBJECTIVES
 from dmvae_study.store import ArtifactStore, load_torch, save_torch
 from dmvae_study.toy2d import ToyConfig, build_toy_net, gradient_field, run_objective, sample_sshape, train_real_model
 
 # Fig. 3 (b) ours; (d-f) real-score maximisation; (g-i) fake-score maximisation; (j-l) score-difference
 # minimisation, each with its three stop-gradient placements; loss-difference minimisation.
-ALL_OBJECTIVES = ("dm", "real_score_1", "real_score_2", "real_score_3", "fake_score_1", "fake_score_2",
-                  "fake_score_3", "score_diff_1", "score_diff_2", "score_diff_3", "loss_diff")
+ALL_OBJECTIVES = FIG3_OBJECTIVES
 
 PRESETS = {
     # CI: three objectives, a tiny net, 512 points; about 2 minutes on 2 CPU cores.

@@ -28,9 +28,8 @@ from dmvae_study.configlib import ConfigError
 from dmvae_study.data import DatasetNotFoundError
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.weights import MissingWeightsError
-from priors.registry import UnknownPriorError
 from priors.siglip_text import MissingCaptionsError
-from trainers import artifacts
+from dmvae_study.pipeline import artifact, resolve
 from trainers.launch import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,14 +109,17 @@ def _resolution_30(tmp: Path) -> Any:
 
 def _head_none(tmp: Path) -> Any:
     """Latents (4, 4, 4) against a token-shaped reference (4, 1, 8) with `dmd.head=none`."""
-    cfg = _fmnist_cfg(tmp, "dmd.head=none", "teacher.total_steps=1", "teacher.batch_size=8", "dmd.batch_size=4")
+    cfg = resolve(_fmnist_cfg(tmp, "dmd.head=none", "teacher.total_steps=1", "teacher.batch_size=8",
+                              "dmd.batch_size=4", "prior.reduction=pca"))
     g = torch.Generator().manual_seed(0)
-    ReferenceSet.standardised(torch.randn(16, 8, 4, generator=g)).save(artifacts.reference(cfg), 64)  # (N, L, D)
+    art = artifact(cfg, "reference")
+    ReferenceSet.standardised(torch.randn(16, 8, 4, generator=g)).save(art, 64)  # (N, L, D)
+    art.mark_done({"count": 16})
     return run_pipeline(cfg, stages=["tokenizer", "teacher", "dmd"])
 
 
 def _weights_missing(tmp: Path) -> Any:
-    cfg = _fmnist_cfg(tmp, "tokenizer.backbone=dinov2_vits14", "data.resolution=28", "run.allow_random_weights=false",
+    cfg = _fmnist_cfg(tmp, "tokenizer.backbone=dinov2_vits14", "run.allow_random_weights=false",
                       f"run.weights_dir={tmp / 'empty-weights'}")
     return run_pipeline(cfg, stages=["tokenizer"])
 
@@ -191,15 +193,15 @@ ROWS = [
         ("have no images", "c_empty"), lambda s: s["skipped_images"] == 0),
     Row("dataset_path_missing", _missing_root, DatasetNotFoundError, ("no-such-dataset", "data.root=")),
     Row("class_count_mismatch", _class_count_mismatch, ValueError, ("has 2 classes", "num_classes=10")),
-    Row("resolution_not_divisible_by_stride", _resolution_30, ValueError,
-        ("data.resolution=30", "encoder stride 8", "multiple of 8")),
+    Row("resolution_not_divisible_by_stride", _resolution_30, ConfigError,
+        ("data.resolution=30", "multiple of tokenizer.encoder_stride=8", "e.g. data.resolution=24")),
     Row("head_none_with_shape_mismatch", _head_none, ValueError, ("(4, 4, 4)", "(4, 1, 8)", "dmd.head")),
     Row("batch_not_divisible_by_workers", _table1("--priors", "vae", "--set", "run.num_workers=3"), SystemExit,
-        ("batch_size=32 is not divisible by run.num_workers=3", "multiple of the workers")),
+        ("batch_size=32: must be a multiple of run.num_workers=3", "e.g.", "batch_size=30")),
     Row("unknown_prior_cli", _table1_process("--priors", "nope"), SystemExit,
-        ("rc=2", "unknown prior(s) nope", "choose from", "gaussian", "dinov2")),
-    Row("unknown_prior_in_config", _unknown_prior_in_config, UnknownPriorError,
-        ("unknown prior 'nope'", "registered priors", "gaussian")),
+        ("rc=2", "unknown row(s) nope", "choose from", "gaussian", "dinov2")),
+    Row("unknown_prior_in_config", _unknown_prior_in_config, ConfigError,
+        ("prior.name=nope", "unknown prior 'nope'", "registered priors", "gaussian", "e.g. prior.name=dinov2")),
     Row("captions_missing_entries", _captions_missing, MissingCaptionsError,
         ("no caption for 22 of the 32", "first ids: 10, 11", "data.train_limit")),
     Row("unknown_config_key_cli", _table1("--set", "tokenizer.nope=1"), SystemExit,
@@ -207,7 +209,7 @@ ROWS = [
     Row("unknown_section_cli", _table1("--set", "tokeniser.total_steps=1"), SystemExit,
         ("unknown config key tokeniser", "tokenizer")),
     Row("wrong_type_cli", _table1("--set", "teacher.total_steps=abc"), SystemExit,
-        ("teacher.total_steps", "expected int", "'abc'")),
+        ("teacher.total_steps=abc", "expected int", "e.g. teacher.total_steps=")),
     Row("invalid_value_cli", _table1("--set", "dmd.cfg_scale=0.5"), SystemExit, ("cfg_scale", "must be >= 1")),
     Row("unknown_key_in_config_file", _config_file_unknown_key, ConfigError, ("unknown config key run.seeds",
                                                                              "valid keys", "seed")),

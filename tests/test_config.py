@@ -27,7 +27,7 @@ def test_invalid_values_are_rejected_on_construction():
         ExperimentConfig.from_dict({"teacher": {"size": "XXL"}})
     with pytest.raises(ConfigError, match="cfg_scale"):
         DMDConfig(cfg_scale=0.5)
-    with pytest.raises(ConfigError, match="not divisible"):
+    with pytest.raises(ConfigError, match="must be a multiple of run.num_workers=3"):
         preset("smoke", ["run.num_workers=3"])
 
 

@@ -217,17 +217,33 @@ def test_build_dataset_from_config_and_name():
         assert len(fm) == 50 and fm[0][0].shape == (3, 32, 32)
 
 
-def test_loader_shards_resumes_and_is_seeded():
+def test_step_loader_is_seeded_resumable_and_rank_sharded():
+    from dmvae_study.loaders import GlobalBatches, step_loader
     ds = D.SyntheticShapes(40, 8, 4)
-    full = [b[1].tolist() for b in D.make_loader(ds, 4, seed=3, epoch=2)]
-    again = [b[1].tolist() for b in D.make_loader(ds, 4, seed=3, epoch=2)]
-    assert full == again and len(full) == 10
-    assert [b[1].tolist() for b in D.make_loader(ds, 4, seed=3, epoch=2, skip_batches=6)] == full[6:]
-    assert full != [b[1].tolist() for b in D.make_loader(ds, 4, seed=3, epoch=3)]
-    # two replicas see disjoint index sets that cover the data (DistributedSampler semantics)
-    idx = [list(D.make_loader(ds, 4, num_replicas=2, rank=r).sampler) for r in (0, 1)]
-    assert not set(idx[0]) & set(idx[1]) and len(idx[0]) + len(idx[1]) == 40
-    loader = D.make_loader(ds, 4, seed=0)
-    D.set_loader_epoch(loader, 5, skip_batches=2)
-    assert len(loader) == 8 and loader.sampler.state_dict() == {"epoch": 5, "start": 8} and ds.epoch == 5
-    assert D.loader_position(23, 10) == (2, 3)
+    gb = lambda rank=0, world=1: GlobalBatches(40, 4, seed=3, stage="tok", rank=rank, world=world)  # noqa: E731
+    full = [b[1].tolist() for b in step_loader(ds, gb(), 0, 25)]
+    assert full == [b[1].tolist() for b in step_loader(ds, gb(), 0, 25)] and len(full) == 25
+    assert [b[1].tolist() for b in step_loader(ds, gb(), 13, 25)] == full[13:]          # resume mid-epoch
+    assert full[:10] != full[10:20]                                                      # a new shuffle per epoch
+    epoch0 = sorted(i for s in range(10) for i in gb().indices(s).tolist())
+    assert epoch0 == list(range(40))                                                     # an epoch covers the data
+    halves = [[i for s in range(10) for i in gb(r, 2).indices(s).tolist()] for r in (0, 1)]
+    assert not set(halves[0]) & set(halves[1]) and len(halves[0]) + len(halves[1]) == 40
+
+
+def test_flips_are_redrawn_every_epoch_through_the_loader():
+    """The epoch reaches the dataset through the loader (also in worker processes), so an image's flip
+    changes across epochs; a resumed loader reproduces it."""
+    from dmvae_study.loaders import GlobalBatches, step_loader
+    ds = D.SyntheticShapes(8, 8, 2, hflip=True)
+    batches = GlobalBatches(8, 8, seed=0, stage="tok")  # one step = one epoch, every image once
+    imgs = [b[0] for b in step_loader(ds, batches, 0, 6)]
+    order = [batches.indices(s) for s in range(6)]
+    by_item = [{int(i): imgs[s][k] for k, i in enumerate(order[s])} for s in range(6)]
+    plain = {i: by_item[0][i] for i in range(8)}
+    changes = sum(not torch.equal(by_item[s][i], plain[i]) for s in range(1, 6) for i in range(8))
+    assert changes > 0, "flips never changed across epochs"
+    workers = [b[0] for b in step_loader(ds, batches, 0, 6, num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(imgs, workers))
+    resumed = [b[0] for b in step_loader(ds, batches, 3, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(imgs[3:], resumed))

@@ -5,19 +5,20 @@ import torch
 from dmvae_study.config import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
+from dmvae_study.pipeline import artifact, resolve
 from tests.ddp_util import run_distributed
-from trainers import artifacts, teacher
+from trainers import teacher
 
 
 def _cfg(out, workers):
-    return preset("smoke", [f"run.out_dir={out}", f"run.num_workers={workers}", "teacher.total_steps=6",
-                            "teacher.batch_size=32", "run.checkpoint_every=3", "run.log_every=3"])
+    return resolve(preset("smoke", [f"run.out_dir={out}", f"run.num_workers={workers}", "teacher.total_steps=6",
+                                    "teacher.batch_size=32", "run.checkpoint_every=3", "run.log_every=3"]))
 
 
 def _make_reference(cfg):
     g = torch.Generator().manual_seed(0)
     ReferenceSet.standardised(torch.randn(96, 4, 4, 4, generator=g), torch.randint(0, 10, (96,), generator=g),
-                              num_classes=10).save(artifacts.reference(cfg), 64)
+                              num_classes=10).save(artifact(cfg, "reference"), 64)
 
 
 def _teacher(cfg_dict):
@@ -32,8 +33,8 @@ def test_teacher_two_workers_equal_one_worker(tmp_path):
         _make_reference(c)
     _teacher(one.to_dict())
     run_distributed(_teacher, 2, two.to_dict())
-    a = load_torch(artifacts.teacher(one).file("teacher.pt"))
-    b = load_torch(artifacts.teacher(two).file("teacher.pt"))
+    a = load_torch(artifact(one, "teacher").file("teacher.pt"))
+    b = load_torch(artifact(two, "teacher").file("teacher.pt"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].dtype.is_floating_point)
     assert worst < 1e-5, f"parameters differ by {worst}"

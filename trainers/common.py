@@ -1,8 +1,9 @@
-"""What every stage shares: the per-process context (device, DDP, precision), deterministic global
-batches, checkpoint / resume, metric reporting, the non-finite guard, fault injection and EMA.
+"""What every stage shares: the one stage preamble (`run_stage`), the per-process context (device,
+DDP, precision, threads), deterministic global batches, optimisers from config, checkpoint / resume,
+progress lines and metric reporting, the non-finite guard, fault injection and EMA.
 
-A stage is one top-to-bottom function `train_loop(config)` that runs on one process with no Ray;
-under Ray Train the same function runs on every worker, with torch.distributed set up by Ray.
+A stage is `run(ctx, art) -> summary`, one top-to-bottom function that runs on one process with no
+Ray; under Ray Train the same function runs on every worker, with torch.distributed set up by Ray.
 Randomness that touches the data (batch order, t, eps) is drawn for the *global* batch from a
 generator seeded by (seed, stage, step) and sliced per rank, so N workers at batch b equal one
 worker at batch N*b, and a resumed run replays exactly the batches an uninterrupted one would.
@@ -14,8 +15,8 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -25,7 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dmvae_study.config import ExperimentConfig
-from dmvae_study.store import ArtifactDir, ArtifactStore, atomic_write_text
+from dmvae_study.loaders import GlobalBatches, hash_seed, step_loader
+from dmvae_study.pipeline import STAGES, LaunchOptions, artifact, artifact_key, resolve
+from dmvae_study.store import ArtifactDir, atomic_write_text
 
 log = logging.getLogger("dmvae_study")
 
@@ -34,17 +37,18 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint is kept."""
 
 
-def as_experiment(config: ExperimentConfig | dict[str, Any]) -> tuple[ExperimentConfig, dict[str, Any]]:
-    """Accept an ExperimentConfig or the launcher's dict `{"experiment": {...}, ...extras}`."""
-    if isinstance(config, ExperimentConfig):
-        return config, {}
-    extras = {k: v for k, v in config.items() if k != "experiment"}
-    return ExperimentConfig.from_dict(config["experiment"]), extras
-
-
-def store_of(cfg: ExperimentConfig) -> ArtifactStore:
-    root = cfg.run.store_dir or os.path.join(cfg.run.out_dir, cfg.run.name, "store")
-    return ArtifactStore(root)
+def run_stage(name: str, cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """The one stage preamble: reuse a finished artifact, else set up the context, record the artifact's
+    key next to it, and run the stage body `run(ctx, art)` of the stage's module. The config is resolved
+    first (idempotent), so a stage never sees an underived value."""
+    cfg = resolve(cfg)
+    art = artifact(cfg, name)
+    if art.done:
+        return art.summary()
+    ctx = StageContext.create(cfg, name, opts)
+    if ctx.is_main:
+        art.write_config(artifact_key(cfg, name))
+    return STAGES[name].body()(ctx, art)
 
 
 class EMA:
@@ -89,7 +93,7 @@ class StageContext:
 
     cfg: ExperimentConfig
     stage: str
-    ray: bool = False
+    opts: LaunchOptions = field(default_factory=LaunchOptions)
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -98,23 +102,24 @@ class StageContext:
     resumed_from: int = 0  # checkpoint step this attempt resumed from (0: fresh); shows restarts in metrics
     _t0: float = field(default_factory=time.time)
     _log_buffer: dict[str, list[float]] = field(default_factory=dict)
-    _perm_key: tuple | None = None
-    _perm: torch.Tensor | None = None
+    _batches: GlobalBatches | None = None
+    _last_flush: tuple[float, int] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: ExperimentConfig, stage: str, extras: dict[str, Any] | None = None) -> "StageContext":
-        extras = extras or {}
+    def create(cls, cfg: ExperimentConfig, stage: str, opts: LaunchOptions | None = None) -> "StageContext":
+        opts = opts or LaunchOptions()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        if torch.cuda.is_available() and (cfg.run.use_gpu or not extras.get("ray")):
+        if torch.cuda.is_available() and (cfg.run.use_gpu or not opts.ray):
             device = torch.device("cuda", torch.cuda.current_device())
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # fixed-shape conv stages (decoder, PatchGAN, LPIPS)
         else:
             device = torch.device("cpu")
+            torch.set_num_threads(worker_threads(cfg))
         torch.manual_seed(cfg.run.seed + 1000 * rank)
-        return cls(cfg=cfg, stage=stage, ray=bool(extras.get("ray")), rank=rank, world=world, device=device)
+        return cls(cfg=cfg, stage=stage, opts=opts, rank=rank, world=world, device=device)
 
     @property
     def is_main(self) -> bool:
@@ -147,7 +152,7 @@ class StageContext:
                              f"set the stage's batch_size to a multiple of run.num_workers")
         return global_batch // self.world
 
-    # ---- deterministic randomness -----------------------------------------------------------------
+    # ---- deterministic randomness and data ---------------------------------------------------------
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """CPU generator seeded by (seed, stage, step, salt): identical on every rank."""
         g = torch.Generator()
@@ -159,22 +164,23 @@ class StageContext:
         b = x.shape[0] // self.world
         return x[self.rank * b:(self.rank + 1) * b].to(self.device, non_blocking=True)
 
+    def global_batches(self, n: int, global_batch: int) -> GlobalBatches:
+        if self._batches is None or (self._batches.n, self._batches.gb) != (n, global_batch):
+            self._batches = GlobalBatches(n, global_batch, seed=self.cfg.run.seed, stage=self.stage,
+                                          rank=self.rank, world=self.world)
+        return self._batches
+
     def batch_indices(self, n: int, global_batch: int, step: int) -> torch.Tensor:
         """Dataset indices of this rank's share of the global batch at `step` (epoch-wise permutations)."""
-        per_epoch = max(n // global_batch, 1)
-        epoch, pos = divmod(step, per_epoch)
-        key = (n, global_batch, epoch)
-        if self._perm_key != key:  # one shuffle per epoch, not per step (1.28M indices for ImageNet)
-            g = torch.Generator()
-            g.manual_seed(hash_seed(self.cfg.run.seed, self.stage, epoch, 7))
-            perm = torch.randperm(n, generator=g)
-            if n < global_batch:
-                perm = perm.repeat(math.ceil(global_batch / n))
-            self._perm_key, self._perm = key, perm
-        perm = self._perm
-        rows = perm[pos * global_batch:(pos + 1) * global_batch]
-        b = global_batch // self.world
-        return rows[self.rank * b:(self.rank + 1) * b]
+        return self.global_batches(n, global_batch).indices(step)
+
+    def image_batches(self, dataset, global_batch: int, start: int, total: int) -> Iterator:
+        """`(img (b, 3, H, W), y (b,))` on the device for each step from `start` (the one loading path:
+        `dmvae_study.loaders`, flips redrawn every epoch), with the config's loader workers."""
+        loader = step_loader(dataset, self.global_batches(len(dataset), global_batch), start, total,
+                             num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        for img, y in loader:
+            yield img.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # ---- reporting --------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, float | torch.Tensor]) -> None:
@@ -182,8 +188,10 @@ class StageContext:
         for k, v in metrics.items():
             self._log_buffer.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else float(v))
 
-    def flush(self, step: int, art: ArtifactDir, images_per_step: int, extra: dict | None = None) -> dict:
-        """Reduce buffered metrics over steps and ranks, write JSONL, report to Ray Train."""
+    def flush(self, step: int, art: ArtifactDir, images_per_step: int, total: int | None = None,
+              extra: dict | None = None) -> dict:
+        """Reduce buffered metrics over steps and ranks; write JSONL, print one progress line (main rank)
+        and report to Ray Train / Tune (every rank: Ray Train's report is collective)."""
         out: dict[str, float] = {}
         for k, vals in self._log_buffer.items():
             t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
@@ -193,13 +201,21 @@ class StageContext:
                 t = t / self.world
             out[k] = float(t)
         self._log_buffer.clear()
-        out.update({"step": step, "kimg": step * images_per_step / 1000.0,
-                    "time/wall_s": time.time() - self._t0, "nonfinite/total": self.nonfinite_total,
+        now = time.time()
+        prev_t, prev_step = self._last_flush or (self._t0, self.resumed_from)
+        rate = (step - prev_step) * images_per_step / max(now - prev_t, 1e-9)
+        self._last_flush = (now, step)
+        out.update({"step": step, "kimg": step * images_per_step / 1000.0, "time/wall_s": now - self._t0,
+                    "perf/img_per_s": rate, "nonfinite/total": self.nonfinite_total,
                     "resumed_from": self.resumed_from})
         out.update(extra or {})
         if self.is_main:
             with open(art.file("metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps({"stage": self.stage, **out}) + "\n")
+            log.info(progress_line(self.opts.row or self.cfg.prior.name, self.stage, step, total, out, rate,
+                                   images_per_step))
+        report_interval(self.opts, {f"{self.stage}/{k}": v for k, v in out.items()
+                                    if isinstance(v, (int, float)) and v == v})
         return out
 
     # ---- robustness -------------------------------------------------------------------------------
@@ -239,9 +255,98 @@ class StageContext:
             dist.barrier()
 
 
-def hash_seed(*parts: Any) -> int:
-    import hashlib
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+def worker_threads(cfg: ExperimentConfig) -> int:
+    """Intra-op threads of a CPU worker: `run.threads`, else the CPUs it reserves (at least one)."""
+    return cfg.run.threads or max(1, round(cfg.run.cpus_per_worker))
+
+
+def progress_line(row: str, stage: str, step: int, total: int | None, m: dict, rate: float, ipb: int) -> str:
+    """`[row] dmd 300/1000 loss/dm 0.155 loss/fake 0.883 | 212 img/s, ETA 3m20s` (rank 0, each interval)."""
+    losses = " ".join(f"{k} {v:.4g}" for k, v in m.items()
+                      if k.startswith(("loss/", "match/", "eval/")) and isinstance(v, float))
+    eta = ""
+    if total and rate > 0:
+        left = (total - step) * ipb / rate
+        eta = f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+    return f"[{row}] {stage} {step}/{total or '?'} {losses} | {rate:.0f} img/s{eta}"
+
+
+def report_interval(opts: LaunchOptions, metrics: dict[str, float]) -> None:
+    """Per-interval metrics into Ray's result stream: Ray Train (inside a worker group) or Tune (a trial
+    that runs its stages in-process), so Tune's loggers and TensorBoard see every stage as it trains."""
+    if opts.report == "train":
+        import ray.train
+        ray.train.report(metrics)
+    elif opts.report == "tune":
+        from ray import tune
+        tune.report(metrics)
+
+
+def progress(ctx: StageContext, start: int, total: int) -> Iterator[int]:
+    """Step iterator; a tqdm bar on the main rank of an interactive, non-Ray run (Ray runs print one
+    progress line per log interval instead, which reach the driver and `ray job logs`)."""
+    quiet = (os.environ.get("DMVAE_NO_PROGRESS") == "1" or ctx.opts.ray or ctx.opts.report != "none"
+             or not sys.stderr.isatty())
+    if not ctx.is_main or total - start <= 0 or quiet:
+        yield from range(start, total)
+        return
+    from tqdm.auto import tqdm
+    yield from tqdm(range(start, total), initial=start, total=total, desc=ctx.stage, leave=False, mininterval=2.0)
+
+
+class Optim:
+    """AdamW built from a config section (`lr`, `betas`, `weight_decay`, `grad_clip`, `warmup_steps`),
+    with its linear warmup as the official `lr_lambda`: factor `n / warmup` for update n < warmup, then 1
+    (the official DMD scheduler; the first update therefore has lr 0), and its gradient-norm clip."""
+
+    def __init__(self, params, sec: Any, device: torch.device, *, lr: float | None = None,
+                 weight_decay: float | None = None, grad_clip: float | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=sec.lr if lr is None else lr, betas=tuple(sec.betas),
+                                     weight_decay=sec.weight_decay if weight_decay is None else weight_decay,
+                                     fused=device.type == "cuda")
+        warm = int(sec.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda n: n / warm if n < warm else 1.0)
+        self.clip = float(sec.grad_clip if grad_clip is None else grad_clip)
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """zero_grad, backward, clip (when on), step, advance the warmup. Returns the pre-clip grad norm."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.clip) if self.clip > 0 else None
+        self.opt.step()
+        self.sched.step()
+        return gn
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
+def apply_update(ctx: StageContext, step: int, loss: torch.Tensor, opt: Optim, stats: dict[str, Any]) -> bool:
+    """The guarded optimiser step every loop shares: skip (and count) a non-finite loss, else
+    backward, clip, step and log `stats`. Returns whether the update was applied."""
+    if not ctx.finite_or_skip(loss):
+        return False
+    gn = opt.step(loss)
+    ctx.log(step, stats if gn is None else {**stats, f"grad_norm/{ctx.stage}": gn})
+    return True
+
+
+def loop_tail(ctx: StageContext, art: ArtifactDir, step: int, total: int, images_per_step: int,
+              state: dict[str, Any], extra: Any = None) -> dict | None:
+    """End of a loop iteration: flush metrics every `run.log_every` (and at the end), checkpoint every
+    `run.checkpoint_every` (and at the end). `extra()` adds metrics to a flush. Returns the flushed metrics."""
+    run, done = ctx.cfg.run, step + 1
+    out = None
+    if done % run.log_every == 0 or done == total:
+        out = ctx.flush(done, art, images_per_step, total, extra=extra() if callable(extra) else extra)
+    if done % run.checkpoint_every == 0 or done == total:
+        save(ctx, art, done, state)
+    return out
 
 
 def checkpoint_state(modules: dict[str, Any]) -> dict[str, Any]:
@@ -290,56 +395,3 @@ def save(ctx: StageContext, art: ArtifactDir, step: int, modules: dict[str, Any]
     ctx.barrier()
 
 
-def progress(ctx: StageContext, start: int, total: int) -> Iterator[int]:
-    """Step iterator with a progress bar on the main rank (counts steps; metrics count images)."""
-    if not ctx.is_main or total - start <= 0:
-        yield from range(start, total)
-        return
-    from tqdm.auto import tqdm
-    yield from tqdm(range(start, total), initial=start, total=total, desc=ctx.stage, leave=False,
-                    mininterval=2.0, disable=os.environ.get("DMVAE_NO_PROGRESS") == "1")
-
-
-def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_decay: float = 0.0):
-    params = [p for p in params if p.requires_grad]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler yielding this rank's dataset indices for steps `start..total-1` (global-batch
-    permutations by epoch, as `StageContext.batch_indices`): the same order after a resume."""
-
-    def __init__(self, ctx: StageContext, n: int, global_batch: int, start: int, total: int):
-        self.ctx, self.n, self.gb, self.start, self.total = ctx, n, global_batch, start, total
-
-    def __iter__(self):
-        for step in range(self.start, self.total):
-            yield self.ctx.batch_indices(self.n, self.gb, step).tolist()
-
-    def __len__(self) -> int:
-        return max(self.total - self.start, 0)
-
-
-def image_batches(ctx: StageContext, dataset, global_batch: int, start: int, total: int) -> Iterator:
-    """`(img (b, 3, H, W), y (b,))` on the device for each step from `start`; loader workers from the
-    config, pinned memory and non-blocking copies on GPU."""
-    workers = ctx.cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(ctx, len(dataset), global_batch, start, total), num_workers=workers,
-        pin_memory=ctx.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
-    for img, y in loader:
-        yield img.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-
-
-def apply_update(ctx: StageContext, step: int, loss: torch.Tensor, opt: torch.optim.Optimizer,
-                 stats: dict[str, Any]) -> bool:
-    """The guarded optimiser step every loop shares: skip (and count) a non-finite loss, else
-    backward, step and log `stats`. Returns whether the update was applied."""
-    if not ctx.finite_or_skip(loss):
-        return False
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    ctx.log(step, stats)
-    return True

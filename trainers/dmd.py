@@ -7,28 +7,32 @@ flow matching (Eq. 8) every step. The teacher is loaded from its artifact and ve
 fingerprint: the official launch script silently leaves both score nets random; this stage refuses
 to start without a finished teacher. Gradient routing (Sec. 3.1): the decoder sees only the
 reconstruction loss, the head only the DM loss, the encoder both, the fake net only its own loss.
+Optimisation follows the official `train_dmd.py` (AdamW (0.9, 0.95), per-optimiser weight decay,
+clipping and linear warmup, GAN from `gan_start`; all `dmd.*` fields).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dmvae_study.build import build_dit, latent_shape, load_tokenizer, state_fingerprint
-from dmvae_study.config import ExperimentConfig
+from dmvae_study.build import build_dit, load_tokenizer, state_fingerprint
+from dmvae_study.config import ExperimentConfig, latent_shape
 from dmvae_study.data import build_dataset
 from dmvae_study.metrics import sliced_wasserstein
+from dmvae_study.models.autoencoder import DMVAE
 from dmvae_study.models.heads import build_head
 from dmvae_study.objectives.dm import DistributionMatchingLoss, fake_score_loss
-from dmvae_study.objectives.flow import annealed_t_max, sample_t
+from dmvae_study.objectives.flow import annealed_t_range, sample_t
+from dmvae_study.objectives.recon import ReconstructionLoss
+from dmvae_study.pipeline import LaunchOptions, artifact
 from dmvae_study.reference import ReferenceSet
-from dmvae_study.store import load_torch, save_torch
-from trainers import artifacts
-from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
-                             resume, save)
+from dmvae_study.store import ArtifactDir, load_torch, save_torch
+from trainers.common import EMA, Optim, StageContext, apply_update, loop_tail, progress, resume, run_stage
 from trainers.tokenizer import build_discriminator, build_recon_loss, finish_tokenizer
 
 
@@ -36,24 +40,8 @@ class TeacherMissingError(FileNotFoundError):
     """DMD needs the finished teacher (real score model) of the same prior."""
 
 
-class DMVAE(nn.Module):
-    """The VAE side of DMD as one module: `img -> (rec, z, x_ref)` with `x_ref = head(normalize(z))`
-    the latent seen in the reference space (the DM loss acts on it)."""
-
-    def __init__(self, tok: nn.Module, head: nn.Module):
-        super().__init__()
-        self.tok, self.head = tok, head
-
-    def to_reference(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tok.normalize(z))
-
-    def forward(self, img: torch.Tensor):
-        z = self.tok.encode(img)
-        return self.tok.decode(z), z, self.to_reference(z)
-
-
 def load_teacher(cfg: ExperimentConfig, ref: ReferenceSet, device: torch.device) -> nn.Module:
-    art = artifacts.teacher(cfg)
+    art = artifact(cfg, "teacher")
     path = art.file("teacher.pt")
     if not (art.done and path.exists()):
         raise TeacherMissingError(f"DMD for prior {cfg.prior.name!r} needs its teacher at {path}; run the teacher "
@@ -74,97 +62,139 @@ def dm_labels(cfg: ExperimentConfig, ref: ReferenceSet) -> bool:
     return ref.y is not None and get(cfg.prior.name).kind == "data" and ref.num_classes == cfg.data.num_classes
 
 
-def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
-    cfg, extras = as_experiment(config)
-    art = artifacts.dmd(cfg)
-    if art.done:
-        return art.summary()
-    ctx = StageContext.create(cfg, "dmd", extras)
-    if ctx.is_main:
-        art.write_config(artifacts.dmd_key(cfg))
-    d, run = cfg.dmd, cfg.run
-    ref = ReferenceSet.load(artifacts.reference(cfg))
-    real = load_teacher(cfg, ref, ctx.device).eval().requires_grad_(False)
-    fake = copy.deepcopy(real).train().requires_grad_(True)  # student initialised from the teacher (Sec. 3.2)
-    tok_art = artifacts.tokenizer(cfg, "ae")
-    tok = load_tokenizer(tok_art, ctx.device, trainable=True)
-    tok.encoder.set_backbone_frozen(False)  # the whole VAE trains in DMD, encoder included
-    head = build_head(latent_shape(cfg), ref.sample_shape, d.head, hidden=d.head_hidden)
+@dataclass
+class DMDState:
+    """Everything one DMD step touches (`make_state` builds it from modules; `setup` from artifacts)."""
+
+    ctx: StageContext
+    tok: nn.Module
+    vae: DMVAE
+    vae_w: nn.Module
+    real: nn.Module
+    fake: nn.Module
+    fake_w: nn.Module
+    disc: nn.Module
+    disc_w: nn.Module
+    rloss: ReconstructionLoss
+    dm: DistributionMatchingLoss
+    opt_vae: Optim
+    opt_fake: Optim
+    opt_d: Optim
+    ema: EMA | None
+    use_y: bool
+    ref_shape: tuple[int, int, int]
+
+    def checkpoint(self) -> dict[str, Any]:
+        out = {"vae": self.vae, "fake": self.fake, "disc": self.disc, "opt_vae": self.opt_vae,
+               "opt_fake": self.opt_fake, "opt_d": self.opt_d}
+        return {**out, "ema": self.ema} if self.ema is not None else out
+
+
+def make_state(ctx: StageContext, tok: nn.Module, ref_shape: tuple[int, int, int], real: nn.Module,
+               disc: nn.Module, rloss: ReconstructionLoss, use_y: bool) -> DMDState:
+    """Wire the DMD step's modules: the whole VAE trains (encoder included), the fake net starts as a copy
+    of the frozen teacher (Sec. 3.2), optimisers from `dmd.*`."""
+    cfg, d = ctx.cfg, ctx.cfg.dmd
+    real = real.to(ctx.device).eval().requires_grad_(False)
+    fake = copy.deepcopy(real).train().requires_grad_(True)
+    tok.encoder.set_backbone_frozen(False)
+    head = build_head(latent_shape(cfg), ref_shape, d.head, hidden=d.head_hidden)
     vae = DMVAE(tok, head)
-    disc = build_discriminator(cfg)
-    disc.load_state_dict(load_torch(tok_art.file("disc.pt")))
-    rloss = build_recon_loss(cfg, 0 if d.gan else 10**12, ctx.device)
-    dm = DistributionMatchingLoss(dm_weight=artifacts.dm_weight(cfg), cfg_scale=d.cfg_scale)
-    use_y = dm_labels(cfg, ref)
-    opt_vae = adamw(vae.parameters(), d.lr, ctx.device, betas=(0.9, 0.95))
-    opt_fake = adamw(fake.parameters(), d.fake_lr, ctx.device, betas=(0.9, 0.95))
-    opt_d = adamw(disc.parameters(), d.lr, ctx.device, betas=(0.9, 0.95))
+    dm = DistributionMatchingLoss(dm_weight=d.dm_weight, cfg_scale=d.cfg_scale)
+    opt_vae = Optim(vae.parameters(), d, ctx.device)
+    opt_fake = Optim(fake.parameters(), d, ctx.device, lr=d.fake_lr, grad_clip=d.fake_grad_clip)
+    opt_d = Optim(disc.parameters(), d, ctx.device, lr=d.disc_lr, weight_decay=d.disc_weight_decay)
     ctx.channels_last(tok.decoder, disc)
     vae_w, fake_w, disc_w = ctx.wrap(vae), ctx.wrap(fake), ctx.wrap(disc)
-    ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
-    ema.shadow.to(ctx.device)
-    state = {"vae": vae, "fake": fake, "disc": disc, "ema": ema, "opt_vae": opt_vae, "opt_fake": opt_fake,
-             "opt_d": opt_d}
+    ema = None
+    if d.tokenizer_out == "ema":
+        ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
+        ema.shadow.to(ctx.device)
+    return DMDState(ctx, tok, vae, vae_w, real, fake, fake_w, disc, disc_w, rloss, dm, opt_vae, opt_fake, opt_d,
+                    ema, use_y, tuple(ref_shape))
+
+
+def setup(ctx: StageContext) -> tuple[DMDState, ReferenceSet]:
+    """The stage's inputs: reference set, verified teacher, the pretrained tokenizer and its discriminator."""
+    cfg = ctx.cfg
+    ref = ReferenceSet.load(artifact(cfg, "reference"))
+    real = load_teacher(cfg, ref, ctx.device)
+    tok_art = artifact(cfg, "tokenizer")
+    tok = load_tokenizer(tok_art, ctx.device, trainable=True)
+    disc = build_discriminator(cfg)
+    disc.load_state_dict(load_torch(tok_art.file("disc.pt")))
+    rloss = build_recon_loss(cfg, cfg.dmd.gan_start, ctx.device)
+    return make_state(ctx, tok, ref.sample_shape, real, disc, rloss, dm_labels(cfg, ref)), ref
+
+
+def step(s: DMDState, step: int, img: torch.Tensor, y_img: torch.Tensor) -> torch.Tensor:
+    """One DMD iteration on this rank's `img (b, 3, H, W)`, labels `(b,)`: a VAE turn every `vae_every`
+    steps (reconstruction + GAN + DM loss, then the discriminator), the fake score net every step.
+    Returns the detached latents in the reference space `(b, C, h, w)` (the matching measure)."""
+    ctx, d = s.ctx, s.ctx.cfg.dmd
+    gb = d.batch_size
+    y = y_img if s.use_y else None
+    g = ctx.generator(step)
+    lo, hi = annealed_t_range(step / max(d.total_steps - 1, 1), d.t_min, d.t_max, d.t_min_end) \
+        if d.timestep_schedule == "anneal" else (d.t_min, d.t_max)
+    t = ctx.slice(sample_t(gb, t_min=lo, t_max=hi, generator=g))
+    eps = ctx.slice(torch.randn((gb, *s.ref_shape), generator=g))
+    if step % d.vae_every == 0:  # VAE turn (App. A.3: once every k steps)
+        s.vae.train()
+        with ctx.autocast():
+            rec, z, x = s.vae_w(img)
+            loss_rec, stats = s.rloss.generator_loss(img, rec, step, s.disc, last_layer=s.tok.last_layer,
+                                                     generator=g if ctx.device.type == "cpu" else None)
+            loss_dm, dm_stats = s.dm(x, s.real, s.fake, y, t=t, eps=eps)
+            loss = loss_rec + loss_dm
+        if apply_update(ctx, step, loss, s.opt_vae, {**stats, **dm_stats, "loss/dm": loss_dm.detach(),
+                                                       "dm/t_min": lo, "dm/t_max": hi}):
+            if s.ema is not None:
+                s.ema.update(s.tok)
+        if s.rloss.gan_active(step):
+            with ctx.autocast():
+                d_loss, d_stats = s.rloss.discriminator_loss(s.disc_w, img, rec.detach())
+            apply_update(ctx, step, d_loss, s.opt_d, d_stats)
+        x_fake = x.detach()
+    else:
+        with torch.no_grad(), ctx.autocast():
+            x_fake = s.vae.to_reference(s.tok.encode(img)).float()
+    # Fake score model turn, every step (Eq. 8): flow matching on the current latents, detached.
+    with ctx.autocast():
+        drop = ctx.slice(torch.rand(gb, generator=g) < ctx.cfg.teacher.class_dropout)
+        loss_f = fake_score_loss(lambda xt, tt, yy: s.fake_w(xt, tt, yy, force_drop=drop), x_fake.float(),
+                                 y, t=ctx.slice(sample_t(gb, generator=g)),
+                                 eps=ctx.slice(torch.randn((gb, *s.ref_shape), generator=g)))
+    apply_update(ctx, step, loss_f, s.opt_fake, {"loss/fake": loss_f.detach()})
+    return x_fake
+
+
+def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    cfg, d = ctx.cfg, ctx.cfg.dmd
+    s, ref = setup(ctx)
+    state = s.checkpoint()
     start = resume(ctx, art, state)
     ds = build_dataset(cfg.data, "train")
-    gb = d.batch_size
-    batches = image_batches(ctx, ds, gb, start, d.total_steps)
-    shape = ref.sample_shape
+    batches = ctx.image_batches(ds, d.batch_size, start, d.total_steps)
     last: dict = {}
-    for step in progress(ctx, start, d.total_steps):
-        ctx.maybe_inject_fault(step, art)
+    for i in progress(ctx, start, d.total_steps):
+        ctx.maybe_inject_fault(i, art)
         img, y_img = next(batches)
-        y = y_img if use_y else None
-        g = ctx.generator(step)
-        t_max = annealed_t_max(step / max(d.total_steps - 1, 1), d.t_max, d.t_max_end) \
-            if d.timestep_schedule == "anneal" else d.t_max
-        t = ctx.slice(sample_t(gb, t_min=d.t_min, t_max=t_max, generator=g))
-        eps = ctx.slice(torch.randn((gb, *shape), generator=g))
-        if step % d.vae_every == 0:  # VAE turn (App. A.3: once every k steps)
-            vae.train()
-            with ctx.autocast():
-                rec, z, x = vae_w(img)
-                loss_rec, stats = rloss.generator_loss(img, rec, step, disc, last_layer=tok.last_layer,
-                                                       generator=g if ctx.device.type == "cpu" else None)
-                loss_dm, dm_stats = dm(x, real, fake, y, t=t, eps=eps)
-                loss = loss_rec + loss_dm
-            if ctx.finite_or_skip(loss):
-                opt_vae.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_vae.step()
-                ema.update(tok)
-                ctx.log(step, {**stats, **{k: v for k, v in dm_stats.items()}, "loss/dm": loss_dm.detach(),
-                               "dm/t_max": t_max})
-            if d.gan:
-                with ctx.autocast():
-                    d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach())
-                apply_update(ctx, step, d_loss, opt_d, d_stats)
-            x_fake = x.detach()
-        else:
-            with torch.no_grad(), ctx.autocast():
-                x_fake = vae.to_reference(tok.encode(img)).float()
-        # Fake score model turn, every step (Eq. 8): flow matching on the current latents, detached.
-        with ctx.autocast():
-            drop = ctx.slice(torch.rand(gb, generator=g) < cfg.teacher.class_dropout)
-            loss_f = fake_score_loss(lambda xt, tt, yy: fake_w(xt, tt, yy, force_drop=drop), x_fake.float(),
-                                     y, t=ctx.slice(sample_t(gb, generator=g)),
-                                     eps=ctx.slice(torch.randn((gb, *shape), generator=g)))
-        if ctx.finite_or_skip(loss_f):
-            opt_fake.zero_grad(set_to_none=True)
-            loss_f.backward()
-            torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
-            opt_fake.step()
-            ctx.log(step, {"loss/fake": loss_f.detach()})
-        if (step + 1) % run.log_every == 0 or step + 1 == d.total_steps:
-            # Matching progress: sliced Wasserstein between this batch's latents and reference samples.
-            ridx = torch.randint(0, len(ref), (x_fake.shape[0],), generator=g)
-            swd = sliced_wasserstein(x_fake.float().cpu(), ref.x[ridx], seed=step)
-            last = ctx.flush(step + 1, art, gb, extra={"match/swd": swd})
-        if (step + 1) % run.checkpoint_every == 0 or step + 1 == d.total_steps:
-            save(ctx, art, step + 1, state)
+        x_fake = step(s, i, img, y_img)
+
+        def matching() -> dict:  # sliced Wasserstein between this batch's latents and reference samples
+            ridx = torch.randint(0, len(ref), (x_fake.shape[0],), generator=ctx.generator(i))
+            return {"match/swd": sliced_wasserstein(x_fake.float().cpu(), ref.x[ridx], seed=i)}
+        last = loop_tail(ctx, art, i, d.total_steps, d.batch_size, state, extra=matching) or last
     if ctx.is_main:
-        save_torch(art.file("head.pt"), head.state_dict())
-        save_torch(art.file("fake.pt"), fake.state_dict())
+        save_torch(art.file("head.pt"), s.vae.head.state_dict())
+        save_torch(art.file("fake.pt"), s.fake.state_dict())
     extra = {"match/swd": last.get("match/swd"), "loss/dm": last.get("loss/dm"), "loss/rec": last.get("loss/rec"),
-             "dm_weight": dm.dm_weight, "use_labels": use_y}
-    return finish_tokenizer(ctx, art, cfg, "ae", ema.shadow, disc, ds, extra)
+             "dm_weight": s.dm.dm_weight, "use_labels": s.use_y, "tokenizer_out": d.tokenizer_out}
+    out = s.ema.shadow if s.ema is not None else s.tok.eval()
+    return finish_tokenizer(ctx, art, "ae", out, s.disc, ds, extra)
+
+
+def train_loop(cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """Run DMD for this row (reused when its artifact is finished)."""
+    return run_stage("dmd", cfg, opts)

@@ -1,61 +1,42 @@
 """Stage 7: metrics of a row (paper Sec. 5): PSNR and rFID of validation reconstructions; gFID-N
-and IS of stage-2 samples with the configured sampler (default: SDE, 250 steps, no CFG); sample
-diversity within class as DP-DMD measures it, on features and on latents (exposes mode collapse);
-reconstruction and sample grids as PNG. Every FID-type figure is named by its feature extractor
-(`rfid_lite0`, `gfid_inception`, ...), and random-init weights are flagged in the summary."""
+and IS of stage-2 samples with the configured sampler (default: SDE, 250 steps, no CFG) and
+class-balanced labels (official `sample_50k.py`); sample diversity within class as DP-DMD measures
+it, on features and on latents (exposes mode collapse); reconstruction and sample grids as PNG.
+Every FID-type figure is named by its feature extractor (`rfid_lite0`, `gfid_inception`, ...) and
+computed through `metrics.batch_features` (clean-fid's resize), the path the metric tests check.
+The gFID reference is every training image, or a class-balanced random subset (`eval.gfid_ref_images`),
+cached once per dataset and extractor; random-init weights are flagged in the summary."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
 
 from dmvae_study import metrics
-import torch.nn.functional as F
-
 from dmvae_study.build import build_dit, load_tokenizer
 from dmvae_study.config import ExperimentConfig
-from dmvae_study.data import build_dataset
+from dmvae_study.data import balanced_subset, build_dataset, dataset_targets
+from dmvae_study.pipeline import LaunchOptions, artifact, final_tokenizer, is_baseline, store_of
 from dmvae_study.samplers import Sampler
-from dmvae_study.store import load_torch
-from trainers import artifacts
-from trainers.common import StageContext, as_experiment
-
-
-def _batches(ds, n: int, bs: int):
-    n = min(n, len(ds))
-    for start in range(0, n, bs):
-        items = [ds[i] for i in range(start, min(start + bs, n))]
-        yield torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+from dmvae_study.store import ArtifactDir, load_torch, save_torch
+from trainers.common import StageContext, run_stage
 
 
 class Features:
-    """A metrics.FIDExtractor applied to [-1, 1] images: clean-fid's [0, 255] range and input size."""
+    """A metrics.FIDExtractor applied to [-1, 1] images through `metrics.batch_features`."""
 
     def __init__(self, name: str, cfg: ExperimentConfig, device: torch.device):
         self.ext = metrics.fid_extractor(name, device, cfg.run.weights_dir)
         self.name, self.weights_source, self.device = name, self.ext.weights_source, device
 
-    def _prep(self, img: torch.Tensor) -> torch.Tensor:
-        x = ((img.float().clamp(-1, 1) + 1) * 127.5).to(self.device)
-        s = self.ext.size
-        if x.shape[-1] != s or x.shape[-2] != s:
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
-        return x
-
-    @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:
-        return self.ext(self._prep(img)).float()
+        return metrics.batch_features(img, self.ext, self.device)
 
-    @torch.no_grad()
-    def probs(self, img: torch.Tensor) -> torch.Tensor:
-        return self.ext.probs(self._prep(img)).float()
-
-    @torch.no_grad()
     def features_and_probs(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, probs = self.ext.features_and_probs(self._prep(img))
-        return feats.float(), probs.float()
+        return metrics.batch_features(img, self.ext, self.device, probs=True)
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
@@ -64,76 +45,77 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=nrow)
 
 
+def _batches(ds, indices: list[int], bs: int):
+    for start in range(0, len(indices), bs):
+        items = [ds[i] for i in indices[start:start + bs]]
+        yield torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+
+
 @torch.no_grad()
-def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
-    cfg, extras = as_experiment(config)
-    art = artifacts.evaluation(cfg)
-    if art.done:
-        return art.summary()
-    ctx = StageContext.create(cfg, "eval", extras)
-    summary: dict[str, Any] = {}
+def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    cfg = ctx.cfg
     if ctx.is_main:
-        art.write_config(cfg.to_dict())
         ev, dev = cfg.eval, ctx.device
-        tok = load_tokenizer(artifacts.final_tokenizer(cfg), dev)
+        tok = load_tokenizer(artifact(cfg, final_tokenizer(cfg)), dev)
         ext = Features(ev.extractor, cfg, dev)
         tag = ext.name
-
+        summary: dict[str, Any] = {}
         # Reconstruction: PSNR and rFID on held-out images.
         val = build_dataset(cfg.data, "val")
-        real_f, rec_f, psnrs = [], [], []
-        for i, (img, _) in enumerate(_batches(val, ev.rfid_images, ev.batch_size)):
+        real_f, rec_f, psnr_sum = [], [], 0.0
+        for i, (img, _) in enumerate(_batches(val, list(range(min(ev.rfid_images, len(val)))), ev.batch_size)):
             img = img.to(dev)
             with ctx.autocast():
                 rec = tok.decode(tok.encode(img)).float().clamp(-1, 1)
-            psnrs.append(float(metrics.psnr(rec, img, data_range=2.0)) * img.shape[0])
+            psnr_sum += float(metrics.psnr(rec, img, data_range=2.0)) * img.shape[0]
             real_f.append(ext.features(img).cpu())
             rec_f.append(ext.features(rec).cpu())
             if i == 0:
                 k = min(ev.grid_images, img.shape[0])
                 save_grid(torch.cat([img[:k], rec[:k]]).cpu(), art.file("reconstructions.png"))
-        n_val = sum(f.shape[0] for f in real_f)
-        summary["psnr"] = float(sum(psnrs) / n_val)
+        summary["psnr"] = psnr_sum / sum(f.shape[0] for f in real_f)
         summary[f"rfid_{tag}"] = metrics.fid_from_features(torch.cat(real_f), torch.cat(rec_f))
-
         # Generation: samples of the stage-2 DiT, decoded, against training-set statistics.
-        lat = load_torch(artifacts.latents(cfg).file("latents.pt"))
-        shape = tuple(lat["z"].shape[1:])
+        shape = tuple(artifact(cfg, "latents").summary()["shape"])
         net = build_dit(cfg.generator, shape, cfg.data.num_classes).to(dev).eval()
-        net.load_state_dict(load_torch(artifacts.generator(cfg).file("generator.pt")))
+        net.load_state_dict(load_torch(artifact(cfg, "generator").file("generator.pt")))
         gen = generate(cfg, ctx, net, tok, ext, ev.gfid_samples, shape)
         save_grid(gen["images"], art.file("samples.png"))
         ref_f = reference_features(cfg, ext)
-        gen_f, gen_y = gen["features"], gen["labels"]
-        summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen_f)
-        summary["gfid_samples"] = int(gen_f.shape[0])
-        summary[f"is_{tag}"] = metrics.inception_score(probs=gen["probs"])[0]
-        summary[f"diversity_{tag}"] = metrics.diversity(gen_f, gen_y)
-        summary["latent_diversity"] = metrics.diversity(gen["latents"], gen_y)
-        summary["extractor"] = tag
-        summary["extractor_weights"] = ext.weights_source
-        summary["random_init"] = bool(ext.weights_source == "random-init" or tok_random(cfg))
+        summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen["features"])
+        summary.update({"gfid_samples": int(gen["features"].shape[0]), "gfid_ref_images": int(ref_f.shape[0]),
+                        f"is_{tag}": metrics.inception_score(probs=gen["probs"])[0],
+                        f"diversity_{tag}": metrics.diversity(gen["features"], gen["labels"]),
+                        "latent_diversity": metrics.diversity(gen["latents"], gen["labels"]),
+                        "extractor": tag, "extractor_weights": ext.weights_source,
+                        "random_init": bool(ext.weights_source == "random-init" or tok_random(cfg))})
         art.mark_done(summary)
     ctx.barrier()
     return art.summary()
 
 
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """`(n,)` labels `0, 1, ..., C-1, 0, 1, ...`: every class `n // C` or `n // C + 1` times (official
+    `sample_50k.py`: 50 per class for 50k ImageNet samples)."""
+    return torch.arange(n) % max(num_classes, 1)
+
+
 @torch.no_grad()
 def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok: torch.nn.Module, ext: Features,
              n: int, shape: tuple[int, ...], seed_offset: int = 4242) -> dict[str, torch.Tensor]:
-    """`n` class-conditional samples (uniform labels) with the configured sampler, decoded; returns
+    """`n` class-conditional samples (class-balanced labels) with the configured sampler, decoded; returns
     their features, class probabilities, labels, flattened latents and the first grid of images."""
     ev, dev = cfg.eval, ctx.device
     sampler = Sampler(kind=ev.sampler, steps=ev.sampler_steps, cfg_scale=ev.cfg_scale)
     g = torch.Generator().manual_seed(cfg.run.seed + seed_offset)
+    labels = balanced_labels(n, cfg.data.num_classes)
     out: dict[str, list] = {"features": [], "probs": [], "labels": [], "latents": []}
     grid = None
     from tqdm.auto import tqdm
     for start in tqdm(range(0, n, ev.batch_size), desc=f"{ctx.stage}: {n} samples", leave=False,
-                      disable=os.environ.get("DMVAE_NO_PROGRESS") == "1" or not ctx.is_main):
-        b = min(ev.batch_size, n - start)
-        y = torch.randint(0, cfg.data.num_classes, (b,), generator=g)
-        noise = torch.randn((b, *shape), generator=g)
+                      disable=os.environ.get("DMVAE_NO_PROGRESS") == "1" or not ctx.is_main or ctx.opts.ray):
+        y = labels[start:start + ev.batch_size]
+        noise = torch.randn((len(y), *shape), generator=g)
         with ctx.autocast():
             z = sampler(net, noise.to(dev), y.to(dev), generator=g).float()
             img = tok.decode(tok.denormalize(z)).float().clamp(-1, 1)
@@ -147,27 +129,34 @@ def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok
 
 
 def reference_features(cfg: ExperimentConfig, ext: Features) -> torch.Tensor:
-    """Features of `gfid_samples` training images (gFID's reference side), cached once per dataset
-    and extractor: every row of a study shares them."""
-    from dmvae_study.store import save_torch
-    from trainers.common import store_of
-    n = cfg.eval.gfid_samples
-    art = store_of(cfg).artifact("fid_ref", {"data": cfg.data.to_dict(), "extractor": ext.name, "n": n})
+    """gFID's reference side: features of every training image, or of a class-balanced random subset of
+    `eval.gfid_ref_images` (never the first N of a class-sorted folder), cached once per dataset and
+    extractor in the study's store: every row of a study shares them."""
+    n = cfg.eval.gfid_ref_images
+    art = store_of(cfg).artifact("fid_ref", {"data": cfg.data.to_dict(), "extractor": ext.name, "n": n,
+                                             "seed": cfg.run.seed, "rule": "balanced"})
     if art.done:
         return load_torch(art.file("features.pt"))
     train = build_dataset(cfg.data, "train", hflip=False)
-    feats = torch.cat([ext.features(img).cpu() for img, _ in _batches(train, n, cfg.eval.batch_size)])
+    idx = list(range(len(train))) if n is None or n >= len(train) else \
+        balanced_subset(dataset_targets(train), n, seed=cfg.run.seed)
+    feats = torch.cat([ext.features(img).cpu() for img, _ in _batches(train, idx, cfg.eval.batch_size)])
     save_torch(art.file("features.pt"), feats)
-    art.mark_done({"count": int(feats.shape[0]), "extractor": ext.name})
+    art.mark_done({"count": int(feats.shape[0]), "extractor": ext.name, "indices_head": idx[:8]})
     return feats
 
 
 def tok_random(cfg: ExperimentConfig) -> bool:
     """Whether any network behind this row ran on random-init weights (flagged in every table):
-    the tokenizer's backbone or VA-VAE features, or the prior's feature backbone."""
-    sources = [str(v) for k, v in artifacts.tokenizer(cfg).summary().items() if k.endswith("_weights")]
-    meta = artifacts.reference(cfg).file("meta.json")
-    if cfg.prior.name not in artifacts.BASELINE_ROWS and meta.exists():
-        import json
-        sources.append(str(json.loads(meta.read_text()).get("provenance", {}).get("weights_source", "")))
+    the tokenizer's backbone or VA-VAE features, or the prior's feature backbone / tokenizer."""
+    sources = [str(v) for k, v in artifact(cfg, "tokenizer").summary().items() if k.endswith("_weights")]
+    if not is_baseline(cfg):
+        meta = artifact(cfg, "reference").file("meta.json")
+        if meta.exists():
+            sources.append(str(json.loads(meta.read_text()).get("provenance", {}).get("weights_source", "")))
     return any("random-init" in s for s in sources)
+
+
+def train_loop(cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """Evaluate this row (reused when its artifact is finished)."""
+    return run_stage("eval", cfg, opts)

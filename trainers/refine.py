@@ -5,68 +5,88 @@ does not change)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from dmvae_study.build import load_tokenizer
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import build_dataset
-from dmvae_study.store import load_torch
-from trainers import artifacts
-from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
-                             resume, save)
+from dmvae_study.objectives.recon import ReconstructionLoss
+from dmvae_study.pipeline import LaunchOptions, artifact
+from dmvae_study.store import ArtifactDir, load_torch
+from trainers.common import EMA, Optim, StageContext, apply_update, loop_tail, progress, resume, run_stage
 from trainers.tokenizer import build_discriminator, build_recon_loss, finish_tokenizer
 
 
-def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
-    cfg, extras = as_experiment(config)
-    art = artifacts.refine(cfg)
-    if art.done:
-        return art.summary()
-    ctx = StageContext.create(cfg, "refine", extras)
-    if ctx.is_main:
-        art.write_config(artifacts.final_tokenizer_key(cfg))
-    r, run = cfg.refine, cfg.run
-    src = artifacts.dmd(cfg)
+@dataclass
+class RefineState:
+    ctx: StageContext
+    tok: nn.Module
+    dec_w: nn.Module
+    disc: nn.Module
+    disc_w: nn.Module
+    rloss: ReconstructionLoss
+    opt_g: Optim
+    opt_d: Optim
+    ema: EMA
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"tok": self.tok, "disc": self.disc, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+
+def setup(ctx: StageContext) -> RefineState:
+    cfg, r = ctx.cfg, ctx.cfg.refine
+    src = artifact(cfg, "dmd")
     tok = load_tokenizer(src, ctx.device, trainable=True)
     tok.encoder.requires_grad_(False).eval()  # encoder and projector frozen (App. A.4)
     disc = build_discriminator(cfg)
     disc.load_state_dict(load_torch(src.file("disc.pt")))
     rloss = build_recon_loss(cfg, 0, ctx.device)
-    opt_g = adamw(tok.decoder.parameters(), r.lr, ctx.device, betas=(0.9, 0.95))
-    opt_d = adamw(disc.parameters(), r.lr, ctx.device, betas=(0.9, 0.95))
+    opt_g, opt_d = Optim(tok.decoder.parameters(), r, ctx.device), Optim(disc.parameters(), r, ctx.device)
     ctx.channels_last(tok.decoder, disc)
     dec_w, disc_w = ctx.wrap(tok.decoder), ctx.wrap(disc)
     ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
-    state = {"tok": tok, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
+    return RefineState(ctx, tok, dec_w, disc, disc_w, rloss, opt_g, opt_d, ema)
+
+
+def step(s: RefineState, step: int, img: torch.Tensor) -> None:
+    """One decoder step on frozen latents (reconstruction + GAN), EMA, then the discriminator."""
+    ctx = s.ctx
+    with torch.no_grad():
+        z = s.tok.encode(img)
+    s.tok.decoder.train()
+    with ctx.autocast():
+        rec = s.dec_w(z)
+        loss, stats = s.rloss.generator_loss(img, rec, step, s.disc, last_layer=s.tok.last_layer)
+    if apply_update(ctx, step, loss, s.opt_g, stats):
+        s.ema.update(s.tok)
+    with ctx.autocast():
+        d_loss, d_stats = s.rloss.discriminator_loss(s.disc_w, img, rec.detach())
+    apply_update(ctx, step, d_loss, s.opt_d, d_stats)
+
+
+def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    cfg, r = ctx.cfg, ctx.cfg.refine
+    s = setup(ctx)
+    state = s.checkpoint()
     start = resume(ctx, art, state)
     ds = build_dataset(cfg.data, "train")
-    batches = image_batches(ctx, ds, r.batch_size, start, r.total_steps)
-    for step in progress(ctx, start, r.total_steps):
-        ctx.maybe_inject_fault(step, art)
+    batches = ctx.image_batches(ds, r.batch_size, start, r.total_steps)
+    for i in progress(ctx, start, r.total_steps):
+        ctx.maybe_inject_fault(i, art)
         img, _ = next(batches)
-        with torch.no_grad():
-            z = tok.encode(img)
-        tok.decoder.train()
-        with ctx.autocast():
-            rec = dec_w(z)
-            loss, stats = rloss.generator_loss(img, rec, step, disc, last_layer=tok.last_layer)
-        if ctx.finite_or_skip(loss):
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            ema.update(tok)
-            ctx.log(step, stats)
-        with ctx.autocast():
-            d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach())
-        apply_update(ctx, step, d_loss, opt_d, d_stats)
-        if (step + 1) % run.log_every == 0 or step + 1 == r.total_steps:
-            ctx.flush(step + 1, art, r.batch_size)
-        if (step + 1) % run.checkpoint_every == 0 or step + 1 == r.total_steps:
-            save(ctx, art, step + 1, state)
+        step(s, i, img)
+        loop_tail(ctx, art, i, r.total_steps, r.batch_size, state)
     if r.total_steps == 0:  # refinement off: hand on the DMD tokenizer unchanged
-        tok.eval()
-    return finish_tokenizer(ctx, art, cfg, "ae", ema.shadow if r.total_steps else tok, disc, ds,
+        s.tok.eval()
+    return finish_tokenizer(ctx, art, "ae", s.ema.shadow if r.total_steps else s.tok, s.disc, ds,
                             {"steps": r.total_steps})
+
+
+def train_loop(cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """Refine this row's decoder (reused when its artifact is finished)."""
+    return run_stage("refine", cfg, opts)

@@ -6,24 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmvae_study.config import ExperimentConfig
-from dmvae_study.reference import ReferenceSet
-from dmvae_study.store import save_torch
-from trainers import artifacts
-from trainers.common import StageContext, as_experiment
-from trainers.flowfit import fit_flow_model
 from dmvae_study.build import state_fingerprint
+from dmvae_study.config import ExperimentConfig
+from dmvae_study.pipeline import LaunchOptions, artifact
+from dmvae_study.reference import ReferenceSet
+from dmvae_study.store import ArtifactDir, save_torch
+from trainers.common import StageContext, run_stage
+from trainers.flowfit import fit_flow_model
 
 
-def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
-    cfg, extras = as_experiment(config)
-    art = artifacts.teacher(cfg)
-    if art.done:
-        return art.summary()
-    ctx = StageContext.create(cfg, "teacher", extras)
-    if ctx.is_main:
-        art.write_config(cfg.to_dict())
-    ref = ReferenceSet.load(artifacts.reference(cfg))
+def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    cfg = ctx.cfg
+    ref = ReferenceSet.load(artifact(cfg, "reference"))
     ema, last = fit_flow_model(ctx, art, ref.x, ref.y, ref.num_classes, cfg.teacher)
     summary = {"loss/fm": last.get("loss/fm"), "sample_shape": list(ref.sample_shape),
                "num_classes": ref.num_classes, "steps": cfg.teacher.total_steps}
@@ -34,3 +28,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
         art.mark_done(summary)
     ctx.barrier()
     return summary
+
+
+def train_loop(cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """Train this row's teacher on its reference set (reused when its artifact is finished)."""
+    return run_stage("teacher", cfg, opts)

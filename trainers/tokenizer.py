@@ -1,44 +1,32 @@
-"""Stage 1 (App. A.1): tokenizer pretraining. A frozen backbone (or the small conv encoder, trained),
-the MLP projector and the Flux-style decoder, trained with L1 + LPIPS + PatchGAN hinge (adaptive
-weight 0.5 from `disc_start`, DiffAugment, bCR), with EMA. The beta-VAE baseline (KL term) and the
-VA-VAE baseline (alignment to frozen foundation features) train through the same loop.
+"""Stage 1 (App. A.1): tokenizer pretraining. A frozen backbone (or a conv encoder, trained), the MLP
+projector and the Flux-style decoder, trained with L1 + LPIPS + PatchGAN hinge (adaptive weight 0.5
+from `disc_start`, DiffAugment, bCR), with EMA. The beta-VAE baseline (KL term) and the VA-VAE baseline
+(alignment to frozen foundation features) train through the same step, on the `baseline` section.
 At the end the EMA tokenizer measures its latent mean / scale on the training set and is saved with
 them as `tokenizer.pt`; the discriminator goes to `disc.pt` for the DMD stage."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from dmvae_study.build import build_tokenizer, latent_shape
-from dmvae_study.config import ExperimentConfig
+from dmvae_study.build import build_tokenizer
+from dmvae_study.config import ExperimentConfig, latent_shape
 from dmvae_study.data import build_dataset
+from dmvae_study.models.autoencoder import AlignmentProjection, TokenizerWithAlignment
 from dmvae_study.models.discriminator import NLayerDiscriminator
-from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
-from dmvae_study.store import save_torch
-from trainers import artifacts
-from trainers.common import (EMA, StageContext, adamw, apply_update, as_experiment, image_batches, progress,
-                             resume, save,
+from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips, kl_loss
+from dmvae_study.objectives.vavae import VAVAEAlignmentLoss
+from dmvae_study.pipeline import LaunchOptions, tokenizer_kind
+from dmvae_study.store import ArtifactDir, save_torch
+from trainers.common import (EMA, Optim, StageContext, apply_update, loop_tail, progress, resume, run_stage,
                              unwrap)
 
 
-class TokenizerWithAlignment(nn.Module):
-    """The trainable unit of the stage (one DDP module): tokenizer, plus VA-VAE's projection."""
-
-    def __init__(self, tok: nn.Module, align: nn.Module | None):
-        super().__init__()
-        self.tok, self.align = tok, align
-
-    def forward(self, img: torch.Tensor):
-        rec, z, aux = self.tok(img)
-        if self.align is not None:
-            aux = {**aux, "z_proj": self.align(z)}
-        return rec, z, aux
-
-
-def build_recon_loss(cfg: ExperimentConfig, disc_start: int, device: torch.device) -> ReconstructionLoss:
+def build_recon_loss(cfg: ExperimentConfig, disc_start: int | None, device: torch.device) -> ReconstructionLoss:
     t = cfg.tokenizer
     lp = build_lpips(t.lpips_net, cfg.run.weights_dir).to(device) if t.lpips_weight > 0 else None
     return ReconstructionLoss(lpips_weight=t.lpips_weight, disc_weight=t.disc_weight, disc_start=disc_start,
@@ -60,99 +48,132 @@ def alignment_features(cfg: ExperimentConfig, device: torch.device):
     return bb, torch.no_grad()(lambda img: encode(img).float())
 
 
-def train_loop(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
-    cfg, extras = as_experiment(config)
-    kind = artifacts.row_kind(cfg)
-    art = artifacts.tokenizer(cfg, kind)
-    if art.done:
-        return art.summary()
-    ctx = StageContext.create(cfg, "tokenizer", extras)
-    if ctx.is_main:
-        art.write_config(artifacts.tokenizer_key(cfg, kind))
-    t, run = cfg.tokenizer, cfg.run
-    ds = build_dataset(cfg.data, "train")
-    tok = build_tokenizer(cfg, kind)
-    align, feats_fn, vf, sources = None, None, None, {}
+@dataclass
+class TokenizerState:
+    """Everything one pretraining step touches."""
+
+    ctx: StageContext
+    kind: str
+    tok: nn.Module
+    model: TokenizerWithAlignment
+    model_w: nn.Module
+    disc: nn.Module
+    disc_w: nn.Module
+    rloss: ReconstructionLoss
+    opt_g: Optim
+    opt_d: Optim
+    ema: EMA
+    vf: VAVAEAlignmentLoss | None = None
+    feats: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"model": self.model, "disc": self.disc, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+
+def setup(ctx: StageContext, rloss: ReconstructionLoss | None = None,
+          device: str = "cpu") -> tuple[TokenizerState, dict[str, str]]:
+    """Build the row's tokenizer (kind from the row), its discriminator, losses and optimisers. `rloss`
+    replaces the config's reconstruction loss (benchmarks: a random-trunk LPIPS); `device="meta"` builds
+    shapes only (FLOP counting)."""
+    cfg, t = ctx.cfg, ctx.cfg.tokenizer
+    kind = tokenizer_kind(cfg)
+    tok = build_tokenizer(cfg, kind, device=device)
+    align, feats, vf, sources = None, None, None, {}
     if hasattr(tok.encoder.backbone, "weights_source"):
         sources["backbone_weights"] = tok.encoder.backbone.weights_source
     if kind == "vavae":
-        from dmvae_study.objectives.vavae import AlignmentProjection, VAVAEAlignmentLoss
-        bb, feats_fn = alignment_features(cfg, ctx.device)
+        bb, feats = alignment_features(cfg, ctx.device)
         sources["vavae_weights"] = bb.weights_source
         align = AlignmentProjection(t.latent_channels, bb.out_channels)
-        vf = VAVAEAlignmentLoss(vf_weight=t.vavae_weight)
+        vf = VAVAEAlignmentLoss(vf_weight=t.vavae_weight, cos_margin=t.vavae_cos_margin,
+                                distmat_margin=t.vavae_distmat_margin)
     model = TokenizerWithAlignment(tok, align)
     disc = build_discriminator(cfg)
-    rloss = build_recon_loss(cfg, t.disc_start, ctx.device)
-    opt_g = adamw(model.parameters(), t.lr, ctx.device, betas=(0.9, 0.95))
-    opt_d = adamw(disc.parameters(), t.lr, ctx.device, betas=(0.9, 0.95))
+    rloss = rloss or build_recon_loss(cfg, t.disc_start, ctx.device)
+    opt_g, opt_d = Optim(model.parameters(), t, ctx.device), Optim(disc.parameters(), t, ctx.device)
     ctx.channels_last(tok.decoder, disc)
     model_w, disc_w = ctx.wrap(model), ctx.wrap(disc)
     ema = EMA(tok, t.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
-    state = {"model": model, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
-    start = resume(ctx, art, state)
-    gb = t.batch_size
-    batches = image_batches(ctx, ds, gb, start, t.total_steps)
-    for step in progress(ctx, start, t.total_steps):
-        ctx.maybe_inject_fault(step, art)
-        img, _ = next(batches)
-        g = ctx.generator(step, salt=ctx.rank) if ctx.device.type == "cpu" else None
+    return TokenizerState(ctx, kind, tok, model, model_w, disc, disc_w, rloss, opt_g, opt_d, ema, vf, feats), sources
+
+
+def step(s: TokenizerState, step: int, img: torch.Tensor) -> None:
+    """One pretraining step on this rank's images `(b, 3, H, W)`: the tokenizer update (reconstruction +
+    GAN from `disc_start`, + KL for the beta-VAE, + VF alignment for VA-VAE), EMA, then the discriminator."""
+    ctx, t = s.ctx, s.ctx.cfg.tokenizer
+    g = ctx.generator(step, salt=ctx.rank) if ctx.device.type == "cpu" else None
+    with ctx.autocast():
+        rec, z, aux = s.model_w(img)
+        loss, stats = s.rloss.generator_loss(img, rec, step, s.disc, last_layer=s.tok.last_layer, generator=g)
+        if s.kind == "beta_vae":
+            kl = kl_loss(aux["mean"], aux["logvar"])
+            loss = loss + t.kl_weight * kl
+            stats["loss/kl"] = kl.detach()
+        if s.vf is not None:
+            l_vf, st = s.vf(z, s.feats(img), unwrap(s.model_w).align, rec_loss=loss,
+                            last_layer=s.tok.encoder.last_layer)
+            loss = loss + l_vf
+            stats.update(st)
+    if apply_update(ctx, step, loss, s.opt_g, stats):
+        s.ema.update(s.tok)
+    if s.rloss.gan_active(step):
+        s.disc.train()
         with ctx.autocast():
-            rec, z, aux = model_w(img)
-            loss, stats = rloss.generator_loss(img, rec, step, disc, last_layer=tok.last_layer, generator=g)
-            if kind == "beta_vae":
-                loss = loss + t.kl_weight * aux["kl"]
-                stats["loss/kl"] = aux["kl"].detach()
-            if vf is not None:
-                l_vf, st = vf(z, feats_fn(img), unwrap(model_w).align, rec_loss=loss,
-                              last_layer=tok.encoder.last_layer)
-                loss = loss + l_vf
-                stats.update(st)
-        if ctx.finite_or_skip(loss):
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            ema.update(tok)
-            ctx.log(step, stats)
-        if rloss.gan_active(step):
-            disc.train()
-            with ctx.autocast():
-                d_loss, d_stats = rloss.discriminator_loss(disc_w, img, rec.detach(), generator=g)
-            apply_update(ctx, step, d_loss, opt_d, d_stats)
-        if (step + 1) % run.log_every == 0 or step + 1 == t.total_steps:
-            ctx.flush(step + 1, art, gb)
-        if (step + 1) % run.checkpoint_every == 0 or step + 1 == t.total_steps:
-            save(ctx, art, step + 1, state)
-    summary = finish_tokenizer(ctx, art, cfg, kind, ema.shadow, disc, ds, sources)
-    return summary
+            d_loss, d_stats = s.rloss.discriminator_loss(s.disc_w, img, rec.detach(), generator=g)
+        apply_update(ctx, step, d_loss, s.opt_d, d_stats)
+
+
+def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    cfg, t = ctx.cfg, ctx.cfg.tokenizer
+    ds = build_dataset(cfg.data, "train")
+    s, sources = setup(ctx)
+    state = s.checkpoint()
+    start = resume(ctx, art, state)
+    batches = ctx.image_batches(ds, t.batch_size, start, t.total_steps)
+    for i in progress(ctx, start, t.total_steps):
+        ctx.maybe_inject_fault(i, art)
+        img, _ = next(batches)
+        step(s, i, img)
+        loop_tail(ctx, art, i, t.total_steps, t.batch_size, state)
+    return finish_tokenizer(ctx, art, s.kind, s.ema.shadow, s.disc, ds, sources)
+
+
+def train_loop(cfg: ExperimentConfig, opts: LaunchOptions | None = None) -> dict[str, Any]:
+    """Pretrain the row's tokenizer (reused when its artifact is finished)."""
+    return run_stage("tokenizer", cfg, opts)
 
 
 @torch.no_grad()
-def finish_tokenizer(ctx: StageContext, art, cfg: ExperimentConfig, kind: str, tok: nn.Module, disc: nn.Module,
-                     ds, extra: dict | None = None) -> dict[str, Any]:
-    """Measure latent mean / scale on (up to 4096) training images, save `tokenizer.pt` and `disc.pt`."""
+def finish_tokenizer(ctx: StageContext, art: ArtifactDir, kind: str, tok: nn.Module, disc: nn.Module, ds,
+                     extra: dict | None = None) -> dict[str, Any]:
+    """Measure latent mean / scale on (up to 4096) un-flipped training images, save `tokenizer.pt` and
+    `disc.pt`. `ds` is the stage's training set (its count of skipped unreadable images is recorded)."""
     summary: dict[str, Any] = dict(extra or {})
     if ctx.is_main:
         tok.eval()
-        n = min(len(ds), 4096)
+        plain = build_dataset(ctx.cfg.data, "train", hflip=False)
+        n = min(len(plain), 4096)
         bs = 128
 
         def latents():
             for s in range(0, n, bs):
-                img = torch.stack([ds[i][0] for i in range(s, min(s + bs, n))]).to(ctx.device)
+                img = torch.stack([plain[i][0] for i in range(s, min(s + bs, n))]).to(ctx.device)
                 with ctx.autocast():
                     yield tok.encode(img).float()
         mean, scale = tok.measure_latent_stats(latents())
-        save_torch(art.file("tokenizer.pt"), {"config": cfg.to_dict(), "kind": kind,
+        save_torch(art.file("tokenizer.pt"), {"config": ctx.cfg.to_dict(), "kind": kind,
                                               "state": {k: v.cpu() for k, v in tok.state_dict().items()}})
         save_torch(art.file("disc.pt"), unwrap(disc).state_dict())
         summary.update({"latent_mean": mean, "latent_scale": scale, "kind": kind})
-        base = ds
-        while isinstance(base, torch.utils.data.Subset):
-            base = base.dataset
-        if hasattr(base, "skipped"):  # unreadable images skipped (and warned about) by this process
-            summary["skipped_images"] = base.skipped
+        bad: set[str] | None = None
+        for d in (ds, plain):  # unreadable images skipped (and warned about) by training and the stats pass
+            while isinstance(d, torch.utils.data.Subset):
+                d = d.dataset
+            if hasattr(d, "bad_files"):
+                bad = (bad or set()) | set(d.bad_files)
+        if bad is not None:
+            summary["skipped_images"] = len(bad)
         art.mark_done(summary)
     ctx.barrier()
     return art.summary()

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmvae_study.models.decoder import Decoder, group_norm
-from dmvae_study.objectives.recon import kl_loss
+from dmvae_study.models.decoder import AttnBlock, Decoder, ResnetBlock, group_norm
 
 TokenizerKind = Literal["ae", "beta_vae"]
 
@@ -166,13 +165,13 @@ class Tokenizer(nn.Module):
 
     def forward(self, img: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`(rec, z, aux)`. For beta_vae `z` is a posterior sample (the mean if not `sample_posterior`)
-        and `aux` holds `mean`, `logvar` and `kl` (LDM reduction); for ae `aux` is empty."""
+        and `aux` holds `mean` and `logvar` (the KL term is `objectives.recon.kl_loss`); for ae `aux` is empty."""
         if self.kind == "ae":
             z = self.encoder(img)
             return self.decoder(z), z, {}
         mean, logvar, sample = self.encode_dist(img)
         z = sample if sample_posterior else mean
-        return self.decoder(z), z, {"mean": mean, "logvar": logvar, "kl": kl_loss(mean, logvar)}
+        return self.decoder(z), z, {"mean": mean, "logvar": logvar}
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -222,4 +221,100 @@ class Tokenizer(nn.Module):
         return mean, std
 
 
-__all__ = ["Encoder", "MLPProjector", "SmallConvEncoder", "Tokenizer", "TokenizerKind"]
+class AlignmentProjection(nn.Module):
+    """`(B, latent_channels, h, w) -> (B, feature_dim, h, w)`, a bias-free 1x1 conv (VA-VAE reverse_proj).
+    Part of the VA-VAE tokenizer's trainable parameters (train and checkpoint it with the tokenizer)."""
+
+    def __init__(self, latent_channels: int, feature_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(latent_channels, feature_dim, 1, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z)
+
+
+class Downsample(nn.Module):
+    """Asymmetric zero pad (0, 1, 0, 1) then a stride-2 3x3 conv, as the LDM / VA-VAE encoder."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class LDMConvEncoder(nn.Module):
+    """The LDM / VA-VAE convolutional encoder trunk (hustvl/LightningDiT `vavae/configs/f16d32_*.yaml`:
+    ch 128, ch_mult (1, 1, 2, 2, 4), 2 ResNet blocks per level, attention at the coarsest level, and a
+    middle block ResNet-attention-ResNet): `(B, 3, H, W) -> (B, ch * ch_mult[-1], H / s, W / s)` with
+    `s = 2 ** (len(ch_mult) - 1)`, ending in GroupNorm + SiLU. The baselines' projector (a per-token
+    MLP) maps it to the posterior parameters where LDM has conv_out + quant_conv."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, norm_groups: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
+        c = ch
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResnetBlock(c, ch * mult, norm_groups))
+                c = ch * mult
+                if i == len(ch_mult) - 1:
+                    layers.append(AttnBlock(c, norm_groups))
+            if i < len(ch_mult) - 1:
+                layers.append(Downsample(c))
+        layers += [ResnetBlock(c, c, norm_groups), AttnBlock(c, norm_groups), ResnetBlock(c, c, norm_groups),
+                   group_norm(c, norm_groups), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.out_channels, self.stride = c, 2 ** (len(ch_mult) - 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net(img)
+
+
+class AlignmentProjection(nn.Module):
+    """`(B, latent_channels, h, w) -> (B, feature_dim, h, w)`, a bias-free 1x1 conv (VA-VAE reverse_proj).
+    Part of the VA-VAE tokenizer's trainable parameters (train and checkpoint it with the tokenizer)."""
+
+    def __init__(self, latent_channels: int, feature_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(latent_channels, feature_dim, 1, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z)
+
+
+class TokenizerWithAlignment(nn.Module):
+    """The trainable unit of tokenizer pretraining (one DDP module): the tokenizer, plus VA-VAE's
+    alignment projection when the row is VA-VAE. `img -> (rec, z, aux)`, `aux["z_proj"]` when aligned."""
+
+    def __init__(self, tok: nn.Module, align: nn.Module | None):
+        super().__init__()
+        self.tok, self.align = tok, align
+
+    def forward(self, img: torch.Tensor):
+        rec, z, aux = self.tok(img)
+        if self.align is not None:
+            aux = {**aux, "z_proj": self.align(z)}
+        return rec, z, aux
+
+
+class DMVAE(nn.Module):
+    """The VAE side of DMD (Sec. 3.1) as one module: `img -> (rec, z, x_ref)` with
+    `x_ref = head(normalize(z))` the latent seen in the reference space (the DM loss acts on it)."""
+
+    def __init__(self, tok: nn.Module, head: nn.Module):
+        super().__init__()
+        self.tok, self.head = tok, head
+
+    def to_reference(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tok.normalize(z))
+
+    def forward(self, img: torch.Tensor):
+        z = self.tok.encode(img)
+        return self.tok.decode(z), z, self.to_reference(z)
+
+
+__all__ = ["AlignmentProjection", "DMVAE", "Downsample", "Encoder", "LDMConvEncoder", "MLPProjector",
+           "SmallConvEncoder", "Tokenizer", "TokenizerKind", "TokenizerWithAlignment"]

@@ -74,8 +74,8 @@ class DistributionMatchingLoss:
     `__call__(x, real_net, fake_net, y, t, generator, eps)`: `x (B, ...)` the (head-projected,
     normalised) latents with grad; `t (B,)` given (e.g. annealed by the caller) or drawn uniformly in
     [t_min, t_max]; returns (loss, stats) with stats detached tensors: loss/dm, dm/grad_norm (mean
-    per-sample L2 norm of g), dm/t_mean, dm/w_mean. For the [0,1] -> [0,0.5] annealing pass
-    `t = sample_t(B, t_max=annealed_t_max(progress))` or `dataclasses.replace(loss, t_max=...)`.
+    per-sample L2 norm of g), dm/t_mean, dm/w_mean. For the annealing (Sec. 5.1; [0,1] -> [0.5,1] here, t = 1 data) pass
+    `t = sample_t(B, t_min=lo, t_max=hi)` with `(lo, hi) = annealed_t_range(progress)`.
     """
 
     dm_weight: float = 10.0
@@ -207,5 +207,8 @@ OBJECTIVES: dict[str, Objective] = {
     "fake_score_push": _score_push("fake", +1.0),
     "fake_score_repel": _score_push("fake", -1.0),
 }
+# The variants the paper draws in Fig. 3 / Sec. 3.3: DM, each score objective with its three stop-gradient
+# placements, and loss-difference minimisation (the toy study's rows).
+FIG3_OBJECTIVES: tuple[str, ...] = tuple(n for n in OBJECTIVES if n in ("dm", "loss_diff") or n[-2:] in ("_1", "_2", "_3"))
 
-__all__ = ["DistributionMatchingLoss", "OBJECTIVES", "dm_gradient", "fake_score_loss", "guided_velocity"]
+__all__ = ["DistributionMatchingLoss", "FIG3_OBJECTIVES", "OBJECTIVES", "dm_gradient", "fake_score_loss", "guided_velocity"]

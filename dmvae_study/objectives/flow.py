@@ -90,11 +90,16 @@ def sample_t(
     return t_min + (t_max - t_min) * u
 
 
-def annealed_t_max(progress: float, t_max_start: float = 1.0, t_max_end: float = 0.5) -> float:
-    """Upper end of the DM timestep range under the paper's annealing (Table 2, after ProlificDreamer):
-    [0, 1] contracting linearly to [0, 0.5] as `progress` goes 0 -> 1."""
+def annealed_t_range(progress: float, t_min: float = 0.0, t_max: float = 1.0,
+                     t_min_end: float = 0.5) -> tuple[float, float]:
+    """DM timestep range `(lo, hi)` under the paper's annealing (Sec. 5.1, Table 2).
+
+    The paper, following ProlificDreamer (whose t is the *noise level*), contracts the range [0, 1]
+    linearly to [0, 0.5] "focusing on more precise, low-noise matching in the later stages". Here
+    t = 1 is data, so the same schedule raises the lower end: [t_min, t_max] -> [t_min_end, t_max]
+    (default [0, 1] -> [0.5, 1]) as `progress` goes 0 -> 1."""
     p = min(max(progress, 0.0), 1.0)
-    return t_max_start + (t_max_end - t_max_start) * p
+    return t_min + (t_min_end - t_min) * p, t_max
 
 
 @dataclass
@@ -150,7 +155,7 @@ def gaussian_score(x_t: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, sigma: 
 
 
 __all__ = [
-    "FlowMatchingLoss", "annealed_t_max", "expand_t", "gaussian_score", "gaussian_velocity",
+    "FlowMatchingLoss", "annealed_t_range", "expand_t", "gaussian_score", "gaussian_velocity",
     "interpolate", "sample_t", "score_to_velocity", "shift_time", "velocity_target",
     "velocity_to_denoised", "velocity_to_score",
 ]

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dmvae_study.models.discriminator import bcr_loss, diff_augment, hinge_d_loss, hinge_g_loss
+from dmvae_study.objectives.gan import bcr_loss, diff_augment, hinge_d_loss, hinge_g_loss
 from dmvae_study.objectives.gradients import frozen, grad_norm_ratio
 
 
@@ -84,7 +84,7 @@ class ReconstructionLoss:
     l2_weight: float = 0.0
     lpips_weight: float = 1.0
     disc_weight: float = 0.5          # lambda of Eq. 10 (App. A.1)
-    disc_start: int = 5000            # GAN term off before this step (App. A.1)
+    disc_start: int | None = 5000     # GAN term off before this step (App. A.1); None: never
     diffaug: str = "color,translation,cutout"  # DiffAugment policy on every D input ("" = off)
     cutout_ratio: float = 0.2
     bcr_weight: float = 1.0           # official `--bcr 1.0`; 0 disables
@@ -92,7 +92,7 @@ class ReconstructionLoss:
     lpips_module: nn.Module | None = field(default=None, repr=False)
 
     def gan_active(self, step: int) -> bool:
-        return self.disc_weight > 0 and step >= self.disc_start
+        return self.disc_weight > 0 and self.disc_start is not None and step >= self.disc_start
 
     def generator_loss(self, img: torch.Tensor, rec: torch.Tensor, step: int, disc: nn.Module | None = None,
                        last_layer: torch.Tensor | None = None, generator: torch.Generator | None = None

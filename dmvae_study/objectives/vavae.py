@@ -3,7 +3,7 @@
 Facts taken from hustvl/LightningDiT (`vavae/ldm/modules/losses/contperceptual.py`, config
 `vavae/configs/f16d32_vfdinov2.yaml`):
 - the latent z `(B, C, h, w)` is projected to the feature dim by a bias-free 1x1 conv
-  (`reverse_proj: true`, latent -> DINOv2 dim), and compared with the frozen features `(B, D, h, w)`;
+  (`reverse_proj: true`, latent -> DINOv2 dim; `models.autoencoder.AlignmentProjection`), and compared with the frozen features `(B, D, h, w)`;
 - marginal cosine loss      mean over tokens of relu(1 - m1 - cos(z'_i, f_i)),          m1 = 0.5;
 - marginal distance-matrix  mean over token pairs of relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2), m2 = 0.25;
   (pairs within one image), both weighted 1 and summed;
@@ -23,18 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmvae_study.objectives.gradients import grad_norm_ratio
-
-
-class AlignmentProjection(nn.Module):
-    """`(B, latent_channels, h, w) -> (B, feature_dim, h, w)`, a bias-free 1x1 conv (VA-VAE reverse_proj).
-    Part of the VA-VAE tokenizer's trainable parameters (train and checkpoint it with the tokenizer)."""
-
-    def __init__(self, latent_channels: int, feature_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(latent_channels, feature_dim, 1, bias=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.proj(z)
 
 
 def vf_alignment_loss(z_proj: torch.Tensor, features: torch.Tensor, cos_margin: float = 0.5,
@@ -86,4 +74,4 @@ class VAVAEAlignmentLoss:
         return w * loss, stats
 
 
-__all__ = ["AlignmentProjection", "VAVAEAlignmentLoss", "vf_alignment_loss"]
+__all__ = ["VAVAEAlignmentLoss", "vf_alignment_loss"]

@@ -1,0 +1,129 @@
+"""A study's results folder read back: its table and its row manifests `rows/<row>.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STUDY_STEMS = ("table1", "ablations")  # the study tables `studies/*.py` write
+RESULT_COLUMNS = ("row", "prior", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
+                  "diversity", "latent_diversity", "wall_s", "gpu_hours", "random_init")
+
+
+@dataclass
+class StudyRow:
+    """One row's manifest `rows/<row>.json`: resolved config, stage summaries, artifact folders."""
+
+    name: str
+    prior: str
+    config: dict[str, Any]
+    summaries: dict[str, Any]
+    artifacts: dict[str, Path]  # stage -> absolute artifact folder
+    wall_s: float | None = None
+    derived: dict[str, Any] = field(default_factory=dict)  # values the study resolved for this row (dm_weight, ...)
+    seed: int | None = None  # the row's seed when the study repeats a prior over seeds (`dinov2-s1`)
+
+    @property
+    def is_baseline(self) -> bool:
+        """Baselines (vae, vavae) have no reference set and no DMD stage."""
+        return "reference" not in self.artifacts
+
+    def artifact(self, stage: str, file: str | None = None) -> Path | None:
+        """The stage's folder (or a file in it) when it exists on disk, else None."""
+        p = self.artifacts.get(stage)
+        if p is None:
+            return None
+        p = p / file if file else p
+        return p if p.exists() else None
+
+
+@dataclass
+class Study:
+    """A results folder: its table, its row manifests, and what the report found missing."""
+
+    root: Path
+    stem: str
+    table: pd.DataFrame
+    rows: dict[str, StudyRow]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def preset(self) -> str:
+        from dmvae_study.config import PRESETS
+        name = next((r.config.get("run", {}).get("name") for r in self.rows.values()), None) or self.name
+        return next((p for p in PRESETS if name.endswith(f"-{p}")), "?")
+
+    @property
+    def extractor(self) -> str:
+        col = self.table.get("extractor")
+        return str(col.dropna().iloc[0]) if col is not None and col.notna().any() else "?"
+
+    @property
+    def gfid_samples(self) -> int:
+        col = self.table.get("gfid_samples")
+        return int(col.dropna().iloc[0]) if col is not None and col.notna().any() else 0
+
+    def ordered_rows(self) -> list[StudyRow]:
+        """Manifests in table order, then any row the table lacks."""
+        order = [r for r in self.table.get("row", pd.Series(dtype=str)).tolist() if r in self.rows]
+        return [self.rows[r] for r in order] + [v for k, v in sorted(self.rows.items()) if k not in order]
+
+
+def load_manifests(root: Path) -> dict[str, StudyRow]:
+    """`rows/*.json` -> row name -> StudyRow (artifact paths resolved against the study folder).
+    `derived` and `seed` are optional: manifests written before studies recorded them lack them."""
+    rows = {}
+    for p in sorted((root / "rows").glob("*.json")):
+        m = json.loads(p.read_text())
+        rows[m["row"]] = StudyRow(name=m["row"], prior=m.get("prior", m["row"]), config=m.get("config", {}),
+                                  summaries=m.get("summaries", {}),
+                                  artifacts={s: (root / a).resolve() for s, a in m.get("artifacts", {}).items()},
+                                  wall_s=m.get("wall_s"), derived=m.get("derived") or {}, seed=m.get("seed"))
+    return rows
+
+
+def row_result(row: StudyRow) -> dict[str, Any]:
+    """A table row from a manifest's stage summaries (the same record `studies/common.flatten_row` reports)."""
+    ev = row.summaries.get("eval") or {}
+    tag = ev.get("extractor", row.config.get("eval", {}).get("extractor"))
+    run = row.config.get("run", {})
+    wall = row.wall_s
+    gpus = run.get("num_workers", 1) if run.get("use_gpu") else 0
+    return {"row": row.name, "prior": row.prior, "rfid": ev.get(f"rfid_{tag}"), "psnr": ev.get("psnr"),
+            "gfid": ev.get(f"gfid_{tag}"), "is": ev.get(f"is_{tag}"), "extractor": tag,
+            "gfid_samples": ev.get("gfid_samples"), "matching_swd": (row.summaries.get("dmd") or {}).get("match/swd"),
+            "diversity": ev.get(f"diversity_{tag}"), "latent_diversity": ev.get("latent_diversity"),
+            "wall_s": wall, "gpu_hours": (wall or 0.0) * gpus / 3600.0, "random_init": bool(ev.get("random_init"))}
+
+
+def load_study(results_dir: str | Path) -> Study:
+    """Read a study folder: its `<stem>.csv` (else rebuilt from the row manifests) and manifests."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no study folder at {root}")
+    rows = load_manifests(root)
+    notes: list[str] = []
+    csv = next((root / f"{s}.csv" for s in STUDY_STEMS if (root / f"{s}.csv").exists()), None)
+    if csv is not None:
+        stem, table = csv.stem, pd.read_csv(csv)
+    elif rows:
+        stem = next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")
+        ordered = sorted(rows.values(), key=lambda r: (not r.is_baseline, r.name))  # baselines first, as studies do
+        table = pd.DataFrame.from_records([row_result(r) for r in ordered])
+        notes.append(f"No {'/'.join(f'{s}.csv' for s in STUDY_STEMS)} found: the table was rebuilt from rows/*.json.")
+    else:
+        raise FileNotFoundError(f"{root} has neither a study table ({', '.join(f'{s}.csv' for s in STUDY_STEMS)}) "
+                                f"nor row manifests (rows/*.json): is it a study results folder?")
+    table = table[[c for c in RESULT_COLUMNS if c in table.columns]]  # drop Tune's bookkeeping columns
+    if not rows:
+        notes.append("No row manifests (rows/*.json, written by each finished study row): the figures need them, "
+                     "so only the table is reported.")
+    return Study(root=root, stem=stem, table=table, rows=rows, notes=notes)

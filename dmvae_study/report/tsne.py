@@ -1,0 +1,158 @@
+"""Fig. 4: t-SNE of each row's stage-2 latents next to the reference set it was matched to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from dmvae_study.report.curves import save_png
+from dmvae_study.report.study import Study, StudyRow
+from dmvae_study.store import load_torch
+
+TSNE_PANEL_IN = 3.4         # inches per t-SNE panel (square)
+TSNE_LEGEND_IN = 0.7        # inches of the shared class legend under the t-SNE grid
+TSNE_PCA_DIM = 50           # usual t-SNE preprocessing: PCA to 50 dims first
+BIG_LATENTS_BYTES = 512 << 20  # above this, latents are memory-mapped instead of checksum-verified
+
+
+def tsne_figsize(n_rows: int) -> tuple[float, float]:
+    """Inches of the t-SNE grid: two square panels (latents, reference) per row, plus the legend band."""
+    return 2 * TSNE_PANEL_IN, n_rows * TSNE_PANEL_IN + TSNE_LEGEND_IN
+
+
+def select(y: torch.Tensor | None, n: int, max_points: int, max_classes: int = 20, seed: int = 0) -> torch.Tensor:
+    """Indices of a class-balanced subsample (paper Fig. 4: 100 samples of each of 20 random classes),
+    capped at `max_points`; `max_points` random samples when unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    if y is None:
+        return torch.randperm(n, generator=g)[:max_points].sort().values
+    present = torch.unique(y)
+    keep = present[torch.randperm(len(present), generator=g)[:max_classes]].sort().values
+    per_class = max(max_points // max(len(keep), 1), 1)
+    idx = [m[torch.randperm(len(m), generator=g)[:per_class]] for m in (torch.nonzero(y == c).flatten() for c in keep)]
+    return torch.cat(idx).sort().values
+
+
+def tsne_embed(x: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """`(M, ...)` samples, each flattened -> `(M, 2)` t-SNE coordinates (PCA to 50 dims first)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    f = x.reshape(x.shape[0], -1).double().numpy()
+    if f.shape[1] > TSNE_PCA_DIM and f.shape[0] > TSNE_PCA_DIM:
+        f = PCA(TSNE_PCA_DIM, random_state=seed).fit_transform(f)
+    perplexity = float(min(30.0, max(2.0, (f.shape[0] - 1) / 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=1).fit_transform(f)
+
+
+def _load_latents(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stage-2 latent cache `{"z": (N, C, h, w), "y": (N,)}`. A paper-scale cache (tens of GB)
+    is memory-mapped rather than read whole to verify its checksum; only the subsample is touched."""
+    if path.stat().st_size > BIG_LATENTS_BYTES:
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        d = load_torch(path)
+    return d["z"], d.get("y")
+
+
+@dataclass
+class _Embedding:
+    xy: np.ndarray
+    y: np.ndarray | None
+    label: str  # what the colours mean: "class" or "component"
+    count: int  # samples in the source set
+
+
+def _embed(x: torch.Tensor, y: torch.Tensor | None, label: str, max_points: int, seed: int) -> _Embedding:
+    idx = select(y, x.shape[0], max_points, seed=seed)
+    return _Embedding(tsne_embed(x[idx].float(), seed), None if y is None else y[idx].numpy(), label, x.shape[0])
+
+
+def _class_colours(labels: set[int]) -> Any:
+    """Label -> colour, the same in every panel: tab10 for up to 10 labels (tab20's paired shades
+    read as one colour), else tab20 (labels beyond 20 wrap)."""
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10" if max(labels, default=0) < 10 else "tab20"]
+    return lambda k: cmap(int(k) % cmap.N)
+
+
+def _panel(ax: Any, emb: _Embedding | None, title: str, colour: Any, why_missing: str = "") -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if emb is None:
+        ax.text(0.5, 0.5, why_missing, ha="center", va="center", fontsize=9, color="0.4", transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+        for s in ax.spines.values():
+            s.set_color("0.85")
+        return
+    if emb.y is None:
+        ax.scatter(emb.xy[:, 0], emb.xy[:, 1], s=3, color="tab:gray", alpha=0.8)
+    else:
+        ax.scatter(emb.xy[:, 0], emb.xy[:, 1], s=3, c=[colour(k) for k in emb.y], alpha=0.8)
+    by = "unlabelled" if emb.y is None else f"by {emb.label}"
+    ax.set_title(f"{title}\n{len(emb.xy)} of {emb.count} pts, {by}", fontsize=9)
+
+
+def _class_names(study: Study) -> Sequence[str] | None:
+    datasets = {r.config.get("data", {}).get("dataset") for r in study.rows.values()}
+    if datasets == {"fmnist"}:
+        from dmvae_study.data import FMNIST_CLASSES
+        return FMNIST_CLASSES
+    return None
+
+
+def plot_tsne(study: Study, out: Path, max_points: int = 1000, seed: int = 0) -> Path | None:
+    """Fig. 4: per row, t-SNE of its stage-2 latents (left) next to its reference set (right; none
+    for baselines), points coloured by class (GMM reference: by component)."""
+    from dmvae_study.reference import ReferenceSet
+    rows = study.ordered_rows()
+    if not rows:
+        return None
+    cache: dict[Path, _Embedding] = {}  # ablation rows often share a reference set or a latent cache
+
+    def latents(r: StudyRow) -> _Embedding | None:
+        p = r.artifact("latents", "latents.pt")
+        if p is None:
+            study.notes.append(f"t-SNE: row {r.name} has no latent cache (generator stage not run?).")
+        elif p not in cache:
+            z, y = _load_latents(p)
+            cache[p] = _embed(z, y, "class", max_points, seed)
+        return cache.get(p) if p is not None else None
+
+    def reference(r: StudyRow) -> _Embedding | None:
+        p = r.artifact("reference", "meta.json")
+        if p is None:
+            study.notes.append(f"t-SNE: row {r.name} has no reference set on disk.")
+        elif p not in cache:
+            ref = ReferenceSet.load(p.parent)
+            label = "class" if ref.provenance.get("kind", "data") == "data" else "component"
+            cache[p] = _embed(ref.x, ref.y, label, max_points, seed)
+        return cache.get(p) if p is not None else None
+
+    panels = [(r, latents(r), None if r.is_baseline else reference(r)) for r in rows]
+    labels = {int(k) for _, *embs in panels for e in embs if e is not None and e.y is not None for k in np.unique(e.y)}
+    colour = _class_colours(labels)
+    fig = Figure(figsize=tsne_figsize(len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for (r, z, ref), (ax_z, ax_ref) in zip(panels, axes):
+        _panel(ax_z, z, f"{r.name}: {'baseline' if r.is_baseline else 'DMVAE'} latents", colour,
+               "latent cache missing\n(generator stage not run?)")
+        if r.is_baseline:
+            _panel(ax_ref, None, f"{r.name}: no reference", colour, "baseline:\nno reference set, no DM")
+        else:
+            _panel(ax_ref, ref, f"{r.name}: reference set ({r.prior})", colour, "reference set missing")
+    classes = sorted({int(k) for _, z, _ in panels if z is not None and z.y is not None for k in np.unique(z.y)})
+    if classes:
+        from matplotlib.lines import Line2D
+        names = _class_names(study)
+        handles = [Line2D([], [], ls="", marker="o", ms=5, color=colour(k),
+                          label=f"{k} {names[k]}" if names and k < len(names) else str(k)) for k in classes]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7,
+                   title="data class (latents and data-derived references; a synthetic reference's colours are its "
+                   "components)", title_fontsize=7)
+    fig.suptitle(f"t-SNE of latents and reference sets (Fig. 4), {study.name}", fontsize=11)
+    return save_png(fig, out / "fig4_tsne.png")
