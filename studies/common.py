@@ -313,7 +313,8 @@ def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
     order = [r for r in study.rows if r in set(df["row"])] if len(df) else []
     df = df.set_index("row").loc[order].reset_index() if len(df) else df
     show = write_tables(df, study.root, stem, caption)
-    print(show.to_markdown(index=False, floatfmt=".3g"))
+    from dmvae_study.report.tables import markdown_table
+    print(markdown_table(show))
     print(f"\nwrote {study.root}/{stem}.csv, .parquet, .md, .tex; report: python -m dmvae_study.report {study.root}")
     failed = df[df["status"] != "ok"] if len(df) else df
     if len(failed):
@@ -384,13 +385,6 @@ def tracking_callbacks(args: argparse.Namespace) -> list:
 
 
 def write_tables(df: pd.DataFrame, root: Path, stem: str, caption: str) -> pd.DataFrame:
-    """CSV, Parquet, Markdown and LaTeX of a study table; returns the display frame (the paper's
-    column names, the same rendering `python -m dmvae_study.report` uses)."""
-    from dmvae_study.report import display_table
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / f"{stem}.csv", df.to_csv(index=False))
-    df.to_parquet(root / f"{stem}.parquet", index=False)
-    show, note = display_table(df)
-    atomic_write_text(root / f"{stem}.md", f"{caption}\n\n{show.to_markdown(index=False, floatfmt='.3g')}\n\n{note}\n")
-    atomic_write_text(root / f"{stem}.tex", show.to_latex(index=False, float_format="%.3g", caption=caption))
-    return show
+    """The study table (`dmvae_study.report.tables.write_table_files`); returns the display frame."""
+    from dmvae_study.report.tables import write_table_files
+    return write_table_files(df, root, stem, caption)[0]

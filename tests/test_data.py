@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import struct
 import warnings
 import zlib
@@ -74,8 +73,9 @@ def test_fmnist_raw_idx_from_root_takes_precedence(tmp_path):
 
 
 def test_fmnist_missing_error_names_places(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FMNIST_DIRS", (tmp_path / "usr-share",))
-    monkeypatch.setattr(D, "DATA_CACHE", tmp_path / "cache")
+    from dmvae_study.data import fmnist
+    monkeypatch.setattr(fmnist, "FMNIST_DIRS", (tmp_path / "usr-share",))
+    monkeypatch.setattr(fmnist, "DATA_CACHE", tmp_path / "cache")
     with pytest.raises(D.DatasetNotFoundError) as e:
         D.FashionMNIST(root=tmp_path / "nowhere", download=False)
     msg = str(e.value)

@@ -15,7 +15,7 @@ import torch
 
 from dmvae_study.configlib import ConfigError
 from dmvae_study.models.lightningdit import build_lightningdit
-from dmvae_study.objectives.flow import (FlowMatchingLoss, gaussian_score, gaussian_velocity, interpolate, sample_t,
+from dmvae_study.objectives.flow import (FlowMatchingLoss, gaussian_score, gaussian_velocity, sample_t,
                                          score_to_velocity, shift_time, velocity_to_denoised, velocity_to_score)
 from dmvae_study.samplers import Sampler, guided, ode_time_grid, sample_ode, sample_sde, sde_time_grid
 

@@ -111,7 +111,6 @@ def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force_r
     cfg = resolve(cfg)
     if cfg.run.num_workers == 1 and not force_ray:
         return pipeline_loop({"experiment": cfg.to_dict(), "launch": dataclasses.asdict(opts)})
-    from datetime import timedelta
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -221,18 +221,6 @@ class Tokenizer(nn.Module):
         return mean, std
 
 
-class AlignmentProjection(nn.Module):
-    """`(B, latent_channels, h, w) -> (B, feature_dim, h, w)`, a bias-free 1x1 conv (VA-VAE reverse_proj).
-    Part of the VA-VAE tokenizer's trainable parameters (train and checkpoint it with the tokenizer)."""
-
-    def __init__(self, latent_channels: int, feature_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(latent_channels, feature_dim, 1, bias=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.proj(z)
-
-
 class Downsample(nn.Module):
     """Asymmetric zero pad (0, 1, 0, 1) then a stride-2 3x3 conv, as the LDM / VA-VAE encoder."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmvae_study.models.decoder import group_norm

@@ -11,9 +11,11 @@ import pandas as pd
 from dmvae_study.report.study import Study
 from dmvae_study.store import atomic_write_text
 
-TABLE_COLUMNS = {  # result column -> displayed name (paper Table 1 names first)
-    "row": "row", "prior": "prior", "rfid": "rFID", "psnr": "PSNR", "gfid": "gFID", "is": "IS",
-    "matching_swd": "match SW", "wall_s": "wall s", "gpu_hours": "GPU-h", "random_init": "random-init",
+TABLE_COLUMNS = {  # result column -> displayed name (paper Table 1 names first, then what the study derived)
+    "row": "row", "prior": "prior", "seed": "seed", "rfid": "rFID", "psnr": "PSNR", "gfid": "gFID", "is": "IS",
+    "matching_swd": "match SW", "dm_weight": "DM weight", "cfg_scale": "DM CFG", "timestep_schedule": "t schedule",
+    "score_net_size": "score net", "stand_in": "stands in for", "wall_s": "wall s", "gpu_hours": "GPU-h",
+    "random_init": "random-init", "status": "status",
 }
 TABLE_CAPTIONS = {"table1": "Table 1", "ablations": "Table 2"}  # study stem -> the paper table it reproduces
 
@@ -33,6 +35,10 @@ def display_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     show = df[[c for c in TABLE_COLUMNS if c in df.columns]].rename(columns={**TABLE_COLUMNS, "gfid": gfid})
     if "prior" in show and "row" in show and (show["prior"] == show["row"]).all():
         show = show.drop(columns="prior")  # Table 1: one row per prior, the name once is enough
+    for col in ("seed", "stands in for", "status"):  # only when they say something
+        if col in show and (show[col].isna().all() or show[col].nunique(dropna=False) == 1
+                            and (col != "stands in for" or show[col].isna().all())):
+            show = show.drop(columns=col)
     extractor = df["extractor"].dropna().iloc[0] if "extractor" in df and df["extractor"].notna().any() else "?"
     note = f"Features: {extractor}."
     if random_init_rows(df):
@@ -49,15 +55,22 @@ def markdown_table(df: pd.DataFrame) -> str:
     return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".3g", missingval="–")
 
 
-def write_tables(study: Study, out: Path) -> tuple[pd.DataFrame, str]:
-    """`<stem>.{csv,md,tex}` into `out`; returns the display frame and its footnote for the report."""
-    show, note = display_table(study.table)
-    caption = table_caption(study)
-    atomic_write_text(out / f"{study.stem}.csv", study.table.to_csv(index=False))
-    atomic_write_text(out / f"{study.stem}.md", f"{caption}\n\n{markdown_table(show)}\n\n{note}\n")
-    atomic_write_text(out / f"{study.stem}.tex", show.to_latex(index=False, float_format="%.3g", caption=caption,
-                                                               na_rep="--"))
+def write_table_files(df: pd.DataFrame, out: Path, stem: str, caption: str) -> tuple[pd.DataFrame, str]:
+    """The one table writer (studies and the report): `<stem>.{csv,parquet,md,tex}` into `out`; returns
+    the display frame (the paper's column names) and its footnote."""
+    out.mkdir(parents=True, exist_ok=True)
+    show, note = display_table(df)
+    atomic_write_text(out / f"{stem}.csv", df.to_csv(index=False))
+    df.to_parquet(out / f"{stem}.parquet", index=False)
+    atomic_write_text(out / f"{stem}.md", f"{caption}\n\n{markdown_table(show)}\n\n{note}\n")
+    atomic_write_text(out / f"{stem}.tex", show.to_latex(index=False, float_format="%.3g", caption=caption,
+                                                         na_rep="--"))
     return show, note
+
+
+def write_tables(study: Study, out: Path) -> tuple[pd.DataFrame, str]:
+    """The study's table files into the report folder."""
+    return write_table_files(study.table, out, study.stem, table_caption(study))
 
 
 def _setting(v: Any) -> Any:
