@@ -33,6 +33,7 @@ from benchmarks.common import (Result, autocast, base_parser, count_flops, matmu
 from dmvae_study.config import preset
 from dmvae_study.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, build_lightningdit
 from dmvae_study.objectives.flow import FlowMatchingLoss, sample_t
+from trainers import flowfit
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -78,6 +79,9 @@ def dit_macs_analytic(size: str, tokens: int, in_channels: int = 32, patch: int 
     return float(depth * tokens * per_token_block + io)
 
 
+STEP = flowfit.step  # the teacher / stage-2 loop body
+
+
 class _StepState:
     """A DiT with its optimiser and EMA. `trainer` mode runs the stage's own step (`trainers.flowfit.step`,
     the teacher / stage-2 loop body) with the trainer's batch indexing; `lean` is a minimal loop for comparison."""
@@ -117,9 +121,8 @@ class _StepState:
         b, dev, step = self.batch, self.device, self.step_i
         self.step_i += 1
         if self.mode == "trainer":  # fit_flow_model's loop body: the trainer's indexing, then its step
-            from trainers import flowfit
             idx = self.ctx.batch_indices(self.dataset_size, b, step) % self.x_pool.shape[0]
-            flowfit.step(self.state, step, self.x_pool[idx].to(dev, non_blocking=True).float(), self.y_pool[idx].to(dev))
+            STEP(self.state, step, self.x_pool[idx].to(dev, non_blocking=True).float(), self.y_pool[idx].to(dev))
             return None
         idx = torch.randint(0, self.x_pool.shape[0], (b,), device=dev)
         t = sample_t(b, kind="logit_normal", device=dev)

@@ -36,6 +36,10 @@ from dmvae_study.build import build_tokenizer
 from dmvae_study.config import latent_shape, preset
 from dmvae_study.models.lightningdit import build_lightningdit
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
+from trainers import dmd
+
+
+STEP = dmd.step  # the training stage's own step function (tests check the identity)
 
 
 class DMDStep:
@@ -84,11 +88,10 @@ class DMDStep:
             compile_forward(net)
 
     def step(self) -> None:
-        """One iteration of the DMD stage: `trainers.dmd.step`, the function the stage's loop calls."""
-        from trainers import dmd
+        """One iteration of the DMD stage: `STEP` is `trainers.dmd.step`, the function the stage's loop calls."""
         idx = self.ctx.batch_indices(self.dataset_size, self.batch, self.step_i) % self.img_pool.shape[0]
         idx = idx.to(self.device)
-        dmd.step(self.state, self.step_i, self.img_pool[idx], self.y_pool[idx])
+        STEP(self.state, self.step_i, self.img_pool[idx], self.y_pool[idx])
         self.step_i += 1
 
     def cycle(self) -> None:

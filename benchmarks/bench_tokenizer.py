@@ -25,6 +25,10 @@ from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, me
                                precision_label, report, reset_peak_memory, setup, time_calls)
 from dmvae_study.config import latent_shape, preset
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
+from trainers import tokenizer
+
+
+STEP = tokenizer.step  # the training stage's own step function
 
 
 class TokenizerStep:
@@ -58,9 +62,8 @@ class TokenizerStep:
         self.latent = latent_shape(cfg)
 
     def step(self) -> None:
-        """One iteration of the stage: `trainers.tokenizer.step`, the function its loop calls."""
-        from trainers import tokenizer
-        tokenizer.step(self.state, self.step_i, self.img)
+        """One iteration of the stage: `STEP` is `trainers.tokenizer.step`, the function its loop calls."""
+        STEP(self.state, self.step_i, self.img)
         self.step_i += 1
 
 

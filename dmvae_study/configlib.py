@@ -277,16 +277,27 @@ class Section:
         return "\n".join(lines)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`"dmd.dm_weight=20"` -> (["dmd", "dm_weight"], 20); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
+def _yaml_value(raw: str) -> Any:
+    """A command-line value as YAML, plus what YAML 1.1 leaves as text but a user means as a number
+    (`1e-3`, `5E4`)."""
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"dmd.dm_weight=20"` -> (["dmd", "dm_weight"], 20); the value is parsed as YAML (`1e-3` as a float)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. dmd.dm_weight=20")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), _yaml_value(raw)
 
 
 def set_dotted(d: dict[str, Any], keys: list[str], value: Any) -> None:

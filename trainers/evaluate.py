@@ -85,13 +85,18 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
         summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen["features"])
         summary.update({"gfid_samples": int(gen["features"].shape[0]), "gfid_ref_images": int(ref_f.shape[0]),
                         f"is_{tag}": metrics.inception_score(probs=gen["probs"])[0],
-                        f"diversity_{tag}": metrics.diversity(gen["features"], gen["labels"]),
-                        "latent_diversity": metrics.diversity(gen["latents"], gen["labels"]),
+                        f"diversity_{tag}": _diversity(gen["features"], gen["labels"]),
+                        "latent_diversity": _diversity(gen["latents"], gen["labels"]),
                         "extractor": tag, "extractor_weights": ext.weights_source,
                         "random_init": bool(ext.weights_source == "random-init" or tok_random(cfg))})
         art.mark_done(summary)
     ctx.barrier()
     return art.summary()
+
+
+def _diversity(x: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Within-class diversity, or None when no class has two samples (gfid_samples < 2 x classes)."""
+    return metrics.diversity(x, labels) if int(torch.bincount(labels).max()) >= 2 else None
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:

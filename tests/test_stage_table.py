@@ -1,0 +1,95 @@
+"""The stage table and `resolve`: one path from the command line to the loss, the user's value wins,
+a prior is one file, the benchmarks run the stages' own step functions."""
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from dmvae_study.config import preset
+from dmvae_study.pipeline import STAGES, artifact, artifact_key, derived, plan, resolve, shared_work
+
+MICRO = ["tokenizer.total_steps=2", "teacher.total_steps=2", "dmd.total_steps=2", "refine.total_steps=1",
+         "generator.total_steps=2", "generator.eval_every=0", "eval.sampler_steps=2", "eval.gfid_samples=8",
+         "eval.rfid_images=8", "eval.grid_images=4", "data.train_limit=64", "data.val_limit=8", "prior.num_samples=32",
+         "tokenizer.batch_size=8", "dmd.batch_size=8", "refine.batch_size=8", "teacher.batch_size=16",
+         "generator.batch_size=16", "run.log_every=1"]
+
+
+def _printed_rows(capsys) -> dict[str, dict]:
+    """Row -> derived values from `--print-config` output."""
+    out = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("# ---- row "):
+            row, _, blob = line[len("# ---- row "):].partition(": derived ")
+            out[row] = json.loads(blob)
+    return out
+
+
+def test_user_dm_weight_reaches_every_row_and_defaults_follow_the_kind(tmp_path, capsys):
+    from studies import table1
+    table1.main(["--priors", "dinov2,gaussian", "--out", str(tmp_path), "--print-config"])
+    rows = _printed_rows(capsys)
+    assert rows["dinov2"]["dm_weight"] == 10.0 and rows["gaussian"]["dm_weight"] == 1.0  # Sec. 4 by kind
+    table1.main(["--priors", "dinov2,gaussian", "--out", str(tmp_path), "--print-config", "--set", "dmd.dm_weight=20"])
+    rows = _printed_rows(capsys)
+    assert rows["dinov2"]["dm_weight"] == 20.0 and rows["gaussian"]["dm_weight"] == 20.0  # the user's value wins
+    assert not (tmp_path / "table1-smoke").exists()  # printing configs writes nothing
+
+
+def test_ablation_axis_with_a_user_setting_of_another_field(tmp_path, capsys):
+    from studies import ablations
+    ablations.main(["--axis", "dm_weight", "--set", "dmd.cfg_scale=3", "--out", str(tmp_path), "--print-config"])
+    rows = _printed_rows(capsys)
+    assert {r: d["dm_weight"] for r, d in rows.items()} == {
+        "default": 10.0, "dm_weight=1.0": 1.0, "dm_weight=20.0": 20.0, "dm_weight=100.0": 100.0}
+    assert all(d["cfg_scale"] == 3.0 for d in rows.values())  # the user's --set reaches every ablation row
+    ablations.main(["--axis", "dm_weight", "--set", "dmd.dm_weight=20", "--out", str(tmp_path), "--print-config"])
+    rows = _printed_rows(capsys)
+    assert rows["default"]["dm_weight"] == 20.0 and "dm_weight=20.0" not in rows and "dm_weight=10.0" in rows
+
+
+def test_stage_table_plans_keys_and_shared_work(tmp_path):
+    cfg = preset("smoke", [f"run.out_dir={tmp_path}"])
+    vae, dino, ldm = resolve(cfg, "vae"), resolve(cfg, "dinov2"), resolve(cfg, "ldm_noise")
+    assert plan(vae) == ["tokenizer", "latents", "generator", "eval"]
+    assert plan(dino) == list(STAGES)
+    assert vae.tokenizer == cfg.baseline and derived(vae)["tokenizer"] == "beta_vae"
+    # ldm_noise declares the beta-VAE row's tokenizer as its input (prior.ldm_source auto -> baseline_vae)
+    assert ldm.prior.ldm_source == "baseline_vae"
+    assert artifact_key(ldm, "reference")["inputs"]["ldm"] == artifact_key(vae, "tokenizer")
+    # changing generator.* keeps every earlier artifact; changing the tokenizer changes every later one
+    gen = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "generator.total_steps=7"]), "dinov2")
+    assert [s for s in STAGES if artifact(gen, s).path != artifact(dino, s).path] == ["generator", "eval"]
+    tok = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "tokenizer.lr=1e-3"]), "dinov2")
+    assert all(artifact(tok, s).path != artifact(dino, s).path for s in STAGES)  # (the reference is its latents)
+    gauss, gauss_tok = resolve(cfg, "gaussian"), resolve(tok, "gaussian")
+    assert [s for s in STAGES if artifact(gauss_tok, s).path == artifact(gauss, s).path] == ["reference", "teacher"]
+    # the DMVAE tokenizer is shared by the prior rows; the beta-VAE by vae and ldm_noise
+    shared = {(s, artifact(c, s).path) for s, c in shared_work([vae, dino, ldm, resolve(cfg, "gaussian")])}
+    assert ("tokenizer", artifact(dino, "tokenizer").path) in shared
+    assert ("tokenizer", artifact(vae, "tokenizer").path) in shared
+
+
+def test_benchmarks_time_the_stages_own_step_functions():
+    from benchmarks import bench_dit, bench_dmd, bench_tokenizer
+    from trainers import dmd, flowfit, tokenizer
+    assert bench_dmd.STEP is dmd.step and bench_tokenizer.STEP is tokenizer.step and bench_dit.STEP is flowfit.step
+
+
+@pytest.mark.slow
+def test_a_prior_in_one_new_module_runs_through_the_pipeline(tmp_path, monkeypatch):
+    import priors
+    from trainers.launch import run_pipeline
+    monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    importlib.import_module("tests.fixture_prior")
+    try:
+        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *MICRO]), "ring_fixture")
+        assert derived(cfg)["dm_weight"] == 1.0 and derived(cfg)["stand_in"] == "a test fixture"
+        res = run_pipeline(cfg)
+        assert set(res) == set(STAGES) and res["eval"]["gfid_lite0"] > 0
+        assert res["reference"]["distribution"] == "ring" and res["dmd"]["dm_weight"] == 1.0
+    finally:
+        priors.registry._REGISTRY.pop("ring_fixture", None)
+        sys.modules.pop("tests.fixture_prior", None)
