@@ -62,9 +62,10 @@ def test_stage_table_plans_keys_and_shared_work(tmp_path):
     # changing generator.* keeps every earlier artifact; changing the tokenizer changes every later one
     gen = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "generator.total_steps=7"]), "dinov2")
     assert [s for s in STAGES if artifact(gen, s).path != artifact(dino, s).path] == ["generator", "eval"]
-    tok = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "tokenizer.lr=1e-3"]), "dinov2")
+    tok_base = preset("smoke", [f"run.out_dir={tmp_path}", "tokenizer.lr=1e-3"])  # 1e-3 typed as a user does
+    tok = resolve(tok_base, "dinov2")
     assert all(artifact(tok, s).path != artifact(dino, s).path for s in STAGES)  # (the reference is its latents)
-    gauss, gauss_tok = resolve(cfg, "gaussian"), resolve(tok, "gaussian")
+    gauss, gauss_tok = resolve(cfg, "gaussian"), resolve(tok_base, "gaussian")
     assert [s for s in STAGES if artifact(gauss_tok, s).path == artifact(gauss, s).path] == ["reference", "teacher"]
     # the DMVAE tokenizer is shared by the prior rows; the beta-VAE by vae and ldm_noise
     shared = {(s, artifact(c, s).path) for s, c in shared_work([vae, dino, ldm, resolve(cfg, "gaussian")])}
