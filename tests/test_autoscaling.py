@@ -16,9 +16,9 @@ cluster, and a watcher process samples the cluster through Ray's state API:
    teacher stage has finished; Ray Train restarts that row's group on another node, its stages
    resume from their checkpoints, and the table equals run 1's (timing columns aside).
 
-Wall times and node counts are printed (`pytest -s`): about 15 minutes on 2 shared CPU cores, so it
-is `slow`; run it alone with  `pytest tests/test_autoscaling.py -s`. Needs `ray[default]` (the job
-server). The cluster runs on free ports with its own temp dir and auth token, and is stopped by the
+Wall times and node counts are printed (`pytest -s`): about 4-5 minutes on 2 shared CPU cores, so
+it is `slow` (CI runs it); alone: `pytest tests/test_autoscaling.py -s`. Needs `ray[default]` (the
+job server; skipped without it). The cluster runs on free ports with its own temp dir and auth token, and is stopped by the
 pids of its session: other Ray clusters on the machine are left alone.
 Fake nodes share this machine's filesystem, so any folder is "shared storage"; `--working-dir` is
 not used here because the fake nodes would also share (and garbage-collect) its unpacked copy.
