@@ -99,3 +99,13 @@ def load_tokenizer(art, device: torch.device | str = "cpu", trainable: bool = Fa
     if trainable:
         return tok.train()
     return tok.eval().requires_grad_(False)
+
+
+def for_inference(tok: nn.Module) -> nn.Module:
+    """A loaded, frozen tokenizer prepared for encoding only: a frozen backbone with BatchNorms gets them
+    folded into its convolutions (EfficientNet-Lite0: same outputs up to float round-off, ~3x faster on
+    CPU together with channels_last). Training code never sees the folded copy."""
+    bb = getattr(getattr(tok, "encoder", None), "backbone", None)
+    if bb is not None and getattr(bb, "frozen", False) and hasattr(bb, "fuse_bn_") and not getattr(bb, "bn_fused", False):
+        bb.fuse_bn_()
+    return tok

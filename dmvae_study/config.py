@@ -63,6 +63,7 @@ class TokenizerConfig(Section):
     kl_weight: float = field(1e-6, doc="beta of the beta-VAE baseline (LDM / VA-VAE f16d32: 1e-6)", rule=NONNEG)
     vavae_weight: float = field(0.1, doc="VA-VAE alignment weight (adaptive, VA-VAE f16d32: 0.1)", rule=NONNEG)
     vavae_backbone: str = field("dinov2_vitl14", doc="feature backbone VA-VAE aligns to")
+    vavae_layer: str | None = field(None, doc="layer of the VA-VAE alignment backbone (as backbone_layer)")
     vavae_cos_margin: float = field(0.5, doc="VA-VAE marginal cosine margin m1 (VA-VAE: 0.5)", rule=UNIT)
     vavae_distmat_margin: float = field(0.25, doc="VA-VAE distance-matrix margin m2 (VA-VAE: 0.25)", rule=UNIT)
     lpips_weight: float = field(1.0, doc="LPIPS weight in the reconstruction loss (0 disables)", rule=NONNEG)
@@ -361,6 +362,36 @@ def _fmnist() -> ExperimentConfig:
     })
 
 
+def _mini() -> ExperimentConfig:
+    """The paper's recipe in small, with real offline weights only (README "The miniature study"):
+    Fashion-MNIST at 32 px; the DMVAE tokenizer is a *frozen ImageNet-pretrained* EfficientNet-Lite0
+    (block 10: 112 channels at stride 16, run at 128 px so its map is the 8x8 latent grid) with an MLP
+    projector and a conv decoder (App. A.1, Lite0 in DINOv2's place); the semantic prior's reference is
+    that tokenizer's latents (A.2); DMD trains the whole encoder (A.3). Baselines are conv autoencoders
+    (beta-VAE; VA-VAE aligned to the same Lite0 features). Tiny LightningDiTs score and generate."""
+    conv = {"backbone": "small_conv", "encoder_stride": 4, "encoder_width": 32, "latent_channels": 8,
+            "projector_hidden": 128, "decoder_ch": 32, "decoder_ch_mult": [1, 2, 2], "decoder_res_blocks": 1,
+            "decoder_attention": False, "lpips_weight": 0.0, "disc_start": 600, "disc_layers": 2, "lr": 5e-4,
+            "batch_size": 64, "total_steps": 1200, "vavae_backbone": "efficientnet_lite0", "vavae_layer": "block10"}
+    return ExperimentConfig.from_dict({
+        "data": {"dataset": "fmnist", "resolution": 32, "channels": 3, "train_limit": 20000, "val_limit": 1000},
+        "tokenizer": {**conv, "backbone": "efficientnet_lite0", "backbone_layer": "block10", "projector_hidden": 256},
+        "baseline": conv,
+        "prior": {"backbone": "efficientnet_lite0", "reduced_dim": 8, "reducer_steps": 300, "num_samples": 10000,
+                  "text_encoder": "minilm", "shard_size": 4096, "ldm_source": "baseline_vae"},
+        "teacher": {"size": "tiny", "lr": 1e-3, "batch_size": 128, "total_steps": 2000, "ema_decay": 0.999},
+        # 1k DMD steps instead of 300k: a 5x larger lr and a warmup shortened in proportion (50 updates)
+        "dmd": {"lr": 1e-4, "fake_lr": 1e-4, "disc_lr": 1e-4, "batch_size": 64, "total_steps": 1000,
+                "head_hidden": 128, "warmup_steps": 50, "gan_start": 0},
+        "refine": {"total_steps": 200, "lr": 1e-4, "batch_size": 64},
+        "generator": {"size": "tiny", "lr": 1e-3, "batch_size": 128, "total_steps": 4000, "ema_decay": 0.999,
+                      "eval_every": 1000},
+        "eval": {"gfid_samples": 1000, "gfid_ref_images": 10000, "rfid_images": 1000, "sampler_steps": 50,
+                 "extractor": "lite0", "batch_size": 100},
+        "run": {"name": "mini", "checkpoint_every": 500, "log_every": 100},
+    })
+
+
 def _imagenet256() -> ExperimentConfig:
     """The paper's Table 1 setting (Sec. 4, App. A): 256 px, DINOv2-L/16 encoder, 16x16x32 latents,
     LightningDiT-L score nets, 300k DMD iterations at batch 256 with the official optimiser, stage-2
@@ -392,7 +423,7 @@ def _imagenet256() -> ExperimentConfig:
     })
 
 
-PRESETS = {"smoke": _smoke, "fmnist": _fmnist, "imagenet256": _imagenet256}
+PRESETS = {"smoke": _smoke, "fmnist": _fmnist, "mini": _mini, "imagenet256": _imagenet256}
 
 
 def preset(name: str, overrides: list[str] | dict | None = None) -> ExperimentConfig:

@@ -48,35 +48,39 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """A value rule declared with its field: `ok(value)` or the error says `text`."""
+    """A value rule declared with its field: `ok(value)` or the error says `text`. The bounds and choices
+    are kept as data too (docs, and the property-based test that generates valid and invalid values)."""
 
     text: str
     ok: Callable[[Any], bool]
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+    elementwise: bool = False
 
     def __call__(self, value: Any) -> bool:
         return bool(self.ok(value))
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def gt(lo: float) -> Rule:
-    return Rule(f"must be > {lo}", lambda v: v > lo)
+    return Rule(f"must be > {lo}", lambda v: v > lo, lo=lo, lo_open=True)
 
 
 def ge(lo: float) -> Rule:
-    return Rule(f"must be >= {lo}", lambda v: v >= lo)
+    return Rule(f"must be >= {lo}", lambda v: v >= lo, lo=lo)
 
 
 def between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Rule:
     left, right = ("(" if open_lo else "["), (")" if open_hi else "]")
     return Rule(f"must lie in {left}{lo}, {hi}{right}",
-                lambda v: (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi))
+                lambda v: (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi),
+                lo=lo, hi=hi, lo_open=open_lo, hi_open=open_hi)
 
 
 def one_of(*choices: Any) -> Rule:
-    return Rule(f"must be one of {', '.join(map(str, choices))}", lambda v: v in choices)
+    return Rule(f"must be one of {', '.join(map(str, choices))}", lambda v: v in choices, choices=tuple(choices))
 
 
 POSITIVE = gt(0)
@@ -87,7 +91,8 @@ UNIT_OPEN_HI = between(0.0, 1.0, open_hi=True)
 
 def each(rule: Rule) -> Rule:
     """A rule for every element of a tuple field."""
-    return Rule(f"every element {rule.text}", lambda v: all(rule(x) for x in v))
+    return dataclasses.replace(rule, text=f"every element {rule.text}", ok=lambda v: all(rule(x) for x in v),
+                               elementwise=True)
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str, rule: Rule | None = None, example: Any = None,
@@ -348,10 +353,12 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {where}: invalid YAML ({problem})") from None
+        started = (f"; {e.context} at line {ctx.line + 1}, column {ctx.column + 1}"  # type: ignore[attr-defined]
+                   if ctx is not None and getattr(e, "context", None) else "")
+        raise ConfigError(f"config file {where}: invalid YAML ({problem}{started})") from None
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

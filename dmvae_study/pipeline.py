@@ -134,8 +134,11 @@ def resolve(cfg: ExperimentConfig, row: str | None = None) -> ExperimentConfig:
 def derived(cfg: ExperimentConfig) -> dict[str, Any]:
     """The effective values a study derives per row (resolved config in), for manifests and table columns."""
     if is_baseline(cfg):
+        t = cfg.tokenizer
+        stand_in = (f"aligned to {t.vavae_backbone} in DINOv2's place" if tokenizer_kind(cfg) == "vavae"
+                    and not t.vavae_backbone.startswith("dinov2") else None)
         return {"kind": "baseline", "tokenizer": tokenizer_kind(cfg), "dm_weight": None, "cfg_scale": None,
-                "timestep_schedule": None, "score_net_size": None, "reduction": None, "stand_in": None}
+                "timestep_schedule": None, "score_net_size": None, "reduction": None, "stand_in": stand_in}
     from priors import get
     spec = get(cfg.prior.name)
     out = {"kind": spec.kind, "tokenizer": "ae", "dm_weight": cfg.dmd.dm_weight, "cfg_scale": cfg.dmd.cfg_scale,
@@ -144,6 +147,38 @@ def derived(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.prior.name == "ldm_noise":
         out["ldm_source"] = cfg.prior.ldm_source
     return out
+
+
+def required_weights(cfg: ExperimentConfig) -> dict[str, bool]:
+    """Pretrained weights a (resolved) row needs, `{name: may run random-init}`: the backbones of every
+    tokenizer it trains or consumes (its own, a prior's reference tokenizer, the LDM), VA-VAE's alignment
+    backbone, the text encoder, LPIPS and the FID extractor (those two never run random-init)."""
+    from dmvae_study.weights import WEIGHTS
+    need: dict[str, bool] = {}
+    seen: set[str] = set()
+
+    def visit(stage: str, c: ExperimentConfig) -> None:
+        key = f"{stage}:{artifact(c, stage).path.name}"
+        if key in seen:
+            return
+        seen.add(key)
+        for st, c2 in STAGES[stage].inputs(c).values():
+            visit(st, c2)
+        if stage == "tokenizer":
+            t = c.tokenizer
+            for name in (t.backbone, t.vavae_backbone if tokenizer_kind(c) == "vavae" else None):
+                if name in WEIGHTS:
+                    need.setdefault(name, True)
+            if t.lpips_weight > 0:
+                need[{"vgg": "vgg16", "alex": "alexnet"}[t.lpips_net]] = False
+    for stage in plan(cfg):
+        visit(stage, cfg)
+    if cfg.prior.name == "siglip_text" and cfg.prior.text_encoder in ("siglip", "minilm"):
+        need[{"siglip": "siglip_vitb16", "minilm": "minilm"}[cfg.prior.text_encoder]] = False
+    if cfg.prior.name == "ldm_noise" and cfg.prior.ldm_source == "staged":
+        need["sd_vae_ft_ema"] = False
+    need[{"inception": "inception_fid", "lite0": "efficientnet_lite0"}[cfg.eval.extractor]] = False
+    return need
 
 
 def plan(cfg: ExperimentConfig, stages: tuple[str, ...] | list[str] | None = None) -> list[str]:
@@ -217,5 +252,6 @@ def shared_work(cfgs: list[ExperimentConfig]) -> list[tuple[str, ExperimentConfi
 
 
 __all__ = ["BASELINE_ROWS", "LaunchOptions", "RUN_KEYS", "STAGES", "Stage", "artifact", "artifact_key", "derived",
-           "final_tokenizer", "input_artifact", "is_baseline", "is_prior", "plan", "resolve", "shared_work",
+           "final_tokenizer", "input_artifact", "is_baseline", "is_prior", "plan", "required_weights", "resolve",
+           "shared_work",
            "store_of", "tokenizer_kind"]

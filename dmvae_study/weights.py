@@ -35,6 +35,10 @@ _HF = "https://huggingface.co"
 _TV = "https://download.pytorch.org/models"
 
 
+class CorruptWeightsError(ValueError):
+    """A staged weights file whose sha256 is not the one its spec records (truncated, or another file)."""
+
+
 class MissingWeightsError(FileNotFoundError):
     """A pretrained file is not in the weights directory (the message names it and how to fetch it)."""
 
@@ -152,6 +156,13 @@ def resolve(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
     path = expected_path(name, weights_dir)
     missing = _complete(path, s)
     if not missing:
+        if s.sha256 is not None and not s.is_dir:  # a staged file must be the one the spec names
+            got = file_sha256(path)
+            if not got.startswith(s.sha256):
+                raise CorruptWeightsError(
+                    f"weights {name!r} at {path} fail their checksum (sha256 {got[:12]}..., expected "
+                    f"{s.sha256[:12]}...): the file is truncated or not {s.source}. Delete it and fetch it again "
+                    f"with `python -m dmvae_study.weights fetch {name}`.")
         return path
     if s.package:
         p = _package_path(s)

@@ -228,9 +228,9 @@ def tokenizer_reference(ctx: BuildContext, items: Items, **provenance: Any) -> R
     the space the DMD stage compares (`DMVAE.to_reference`)."""
     from torch.utils.data import ConcatDataset
 
-    from dmvae_study.build import load_tokenizer
+    from dmvae_study.build import for_inference, load_tokenizer
     art = ctx.inputs["tokenizer"]
-    tok = load_tokenizer(art, ctx.device)
+    tok = for_inference(load_tokenizer(art, ctx.device))
     c, h, w = tok.latent_channels, *latent_grid(ctx.cfg)
     ds: Dataset = items.dataset
     if ctx.cfg.prior.tokenizer_flips:

@@ -78,7 +78,9 @@ class _Texts(Dataset):
         return self.texts[i], self.labels[i]
 
 
-@register("siglip_text", kind="data", order=30)
+@register("siglip_text", kind="data", order=30,
+          stand_in=lambda cfg: None if cfg.prior.text_encoder == "siglip" else f"{cfg.prior.text_encoder} (text encoder) "
+          f"in SigLIP's place{'' if cfg.prior.captions else ', class-name captions'}")
 def build(ctx: BuildContext) -> ReferenceSet:
     """Text-encoder embeddings of per-image captions (or class templates), one token per image, reduced."""
     from dmvae_study.backbones import build_text_encoder

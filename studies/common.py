@@ -134,7 +134,8 @@ def base_config(args: argparse.Namespace, name: str) -> ExperimentConfig:
     return preset(args.preset, {**overrides, "run.out_dir": out, "run.name": name})
 
 
-def resolve_rows(base: ExperimentConfig, rows: dict[str, dict[str, Any]], seeds: list[int] | None) -> dict[str, ExperimentConfig]:
+def resolve_rows(base: ExperimentConfig, rows: dict[str, dict[str, Any]], seeds: list[int] | None,
+                 weights: bool = True) -> dict[str, ExperimentConfig]:
     """Row label -> resolved config; with several seeds, one row per (row, seed) labelled `<row>-s<seed>`.
     Every row is resolved and validated here, before Ray starts."""
     from dmvae_study.configlib import apply_overrides
@@ -146,7 +147,24 @@ def resolve_rows(base: ExperimentConfig, rows: dict[str, dict[str, Any]], seeds:
             label = f"{row}-s{seed}" if seeds and len(seeds) > 1 else row
             out[label] = resolve(c)
             check_row(out[label])
+            if weights:
+                check_weights(out[label])
     return out
+
+
+def check_weights(cfg: ExperimentConfig) -> None:
+    """Every pretrained file the row needs is staged and passes its checksum (a corrupt file is refused
+    even when random-init is allowed); found here, before Ray, not hours into a cluster run."""
+    from dmvae_study.pipeline import required_weights
+    from dmvae_study.weights import CorruptWeightsError, MissingWeightsError, resolve as resolve_weights
+    for name, may_be_random in required_weights(cfg).items():
+        try:
+            resolve_weights(name, cfg.run.weights_dir)
+        except CorruptWeightsError as e:
+            raise UserError(str(e)) from None
+        except MissingWeightsError:
+            if not (may_be_random and cfg.run.allow_random_weights):
+                raise
 
 
 def check_row(cfg: ExperimentConfig) -> None:
@@ -167,7 +185,7 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     --print-config / --dry-run; returns None when nothing is to run. Nothing here starts Ray."""
     base = base_config(args, name)
     seeds = split_list(args.seeds, "--seeds", int)
-    resolved = resolve_rows(base, rows, seeds)
+    resolved = resolve_rows(base, rows, seeds, weights=not args.dry_run)
     root = Path(base.run.out_dir) / name
     if args.print_config:
         for label, cfg in resolved.items():

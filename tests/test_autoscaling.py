@@ -11,10 +11,10 @@ cluster, and a watcher process samples the cluster through Ray's state API:
 1. uninterrupted: the autoscaler adds worker nodes (more than one) for the rows' Train groups, the
    rows run at the same time on different nodes, trial drivers stay on the head and Train workers
    off it, the job finishes, and every worker node is removed after `idle_timeout_minutes`;
-2. node loss: the same study (fresh results folder) loses a whole worker node (its raylet and every
-   process naming its node id, SIGKILL) while a row's Train worker runs there, after a DMVAE row's
-   teacher stage has finished; Ray Train restarts that row's group on another node, its stages
-   resume from their checkpoints, and the table equals run 1's (timing columns aside).
+2. node loss: the same study (fresh results folder) loses a whole worker node (its raylet, its agents
+   and all their descendants, SIGKILL) while a DMVAE row's Train worker there is mid-way through the
+   teacher stage, past a checkpoint; Ray Train restarts that row's group on a node, the stage resumes
+   from its checkpoint, and the table equals run 1's (model columns).
 
 Wall times and node counts are printed (`pytest -s`): about 4-5 minutes on 2 shared CPU cores, so
 it is `slow` (CI runs it); alone: `pytest tests/test_autoscaling.py -s`. Needs `ray[default]` (the
@@ -45,11 +45,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = "vae,gaussian,gmm"
 # A smoke study shrunk so that each row takes a minute or two while three rows and the autoscaler
-# share 2 CPU cores; checkpoints every 2 steps, so a killed row resumes mid-stage.
-STUDY = ["tokenizer.total_steps=8", "teacher.total_steps=8", "dmd.total_steps=6", "refine.total_steps=4",
+# share 2 CPU cores. The DMVAE rows' teacher stage is the one the test interrupts: long enough (60
+# steps, a checkpoint every 5) that the kill lands mid-stage, after a checkpoint.
+CHECKPOINT_EVERY = 5
+KILL_STAGE = "teacher"
+STUDY = ["tokenizer.total_steps=8", "teacher.total_steps=60", "dmd.total_steps=6", "refine.total_steps=4",
          "generator.total_steps=8", "generator.eval_every=0", "eval.sampler_steps=4", "eval.gfid_samples=16",
          "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
-         "prior.num_samples=64", "run.checkpoint_every=2", "run.log_every=2"]
+         "prior.num_samples=64", f"run.checkpoint_every={CHECKPOINT_EVERY}", f"run.log_every={CHECKPOINT_EVERY}"]
 MODEL_COLUMNS = ("row", "prior", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
                  "diversity", "latent_diversity", "random_init")
 BIN = Path(sys.executable).parent
@@ -280,13 +283,13 @@ def table(out: Path) -> pd.DataFrame:
     return df[[c for c in MODEL_COLUMNS if c in df]]
 
 
-def stage_in_progress(store: Path, holders: set[int]) -> tuple[Path, int] | None:
-    """An artifact a live Train worker is building, past its first checkpoint: its folder has no
-    DONE and at least two metric records (`checkpoint_every` = `log_every` = 2, so the step-2
-    checkpoint exists), and its lock (`.<artifact>.lock`, flock) is held by a pid in `holders`.
+def stage_in_progress(store: Path, kind: str, holders: set[int]) -> tuple[Path, int] | None:
+    """A `kind` artifact a live Train worker is building, past its first checkpoint: its folder has
+    no DONE and at least two metric records (`log_every` = `checkpoint_every`, so a checkpoint
+    exists), and its lock (`.<artifact>.lock`, flock) is held by a pid in `holders`.
     Returns (artifact folder, holder pid)."""
     inodes = {}
-    for lock in store.glob("*/.*.lock"):
+    for lock in store.glob(f"{kind}/.*.lock"):
         try:
             inodes[lock.stat().st_ino] = lock.parent / lock.name[1:-len(".lock")]
         except OSError:
@@ -331,12 +334,12 @@ def test_study_scales_up_runs_rows_concurrently_survives_node_loss_and_scales_do
     store = tmp_path / "run2" / "table1-smoke" / "store"
 
     def kill_once(last):
-        """Kill the node whose Train worker is mid-way through a row's stage (past a checkpoint),
-        once the rows run (trial drivers alive: the shared tokenizer pretrain is over)."""
+        """Kill the node whose Train worker is mid-way through a row's teacher stage (past a
+        checkpoint), while the rows run (trial drivers alive)."""
         if killed or not last or not last["train"] or not last["drivers"]:
             return
         pid_node = {pid: (node, actor) for node, actor, pid in last["train"]}
-        found = stage_in_progress(store, set(pid_node))
+        found = stage_in_progress(store, KILL_STAGE, set(pid_node))
         if found:
             art, pid = found
             node, actor = pid_node[pid]
@@ -361,6 +364,7 @@ def test_study_scales_up_runs_rows_concurrently_survives_node_loss_and_scales_do
     assert killed.get("pids"), "no worker node was killed (no Train worker was seen mid-stage)"
     assert killed["actor"] in samples[-1]["train_dead"], "the killed node's Train worker did not die"
     assert all(killed["node"] not in s["workers"] for s in samples[-3:]), "the killed node came back"
-    assert (art / "DONE").exists() and max(resumed) >= 2, f"the interrupted stage did not resume from its checkpoint: {resumed}"
+    assert (art / "DONE").exists() and max(resumed) >= CHECKPOINT_EVERY, \
+        f"the interrupted stage did not resume from its checkpoint: {resumed}"
     assert not s2["drivers_off_head"] and not s2["train_on_head"], s2
     pd.testing.assert_frame_equal(table(tmp_path / "run2"), first, check_exact=False, rtol=1e-6, atol=1e-9)

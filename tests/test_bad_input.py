@@ -171,6 +171,64 @@ def _table1_process(*argv: str) -> Callable[[Path], Any]:
     return run
 
 
+def _malformed_config_file(tmp: Path) -> Any:
+    bad = tmp / "bad.yaml"
+    bad.write_text("dmd:\n  dm_weight: 20\n  cfg_scale: [1, 3\nrun:\n  seed: 1\n")  # unclosed list on line 3
+    return _table1_process("--config", str(bad))(tmp)
+
+
+def _config_file_wrong_value(tmp: Path) -> Any:
+    f = tmp / "study.yaml"
+    f.write_text("dmd:\n  dm_weight: -3\n")
+    return _table1_process("--config", str(f))(tmp)
+
+
+def _captions_malformed(tmp: Path) -> Any:
+    captions = tmp / "captions.jsonl"
+    captions.write_text(json.dumps({"id": 0, "caption": "fine"}) + "\n" + "{not json\n")
+    cfg = _fmnist_cfg(tmp, "prior.name=siglip_text", f"prior.captions={captions}", "prior.num_samples=null")
+    return run_pipeline(cfg, stages=["reference"])
+
+
+def _folder_without_images(tmp: Path) -> Any:
+    (tmp / "data" / "train" / "a").mkdir(parents=True)
+    (tmp / "data" / "train" / "a" / "notes.txt").write_text("no images here")
+    return run_pipeline(_folder_cfg(tmp, tmp / "data", "data.num_classes=1"), stages=["tokenizer"])
+
+
+def _corrupt_weights(tmp: Path) -> Any:
+    """A staged EfficientNet-Lite0 file that is not the released one: its sha256 fails."""
+    w = tmp / "weights"
+    w.mkdir()
+    (w / "efficientnet-lite0-57934424.pth").write_bytes(b"truncated download" * 100)
+    return _table1_process("--priors", "vae", "--set", f"run.weights_dir={w}")(tmp)
+
+
+def _incompatible_results(tmp: Path) -> Any:
+    old = tmp / "out" / "table1-smoke"
+    (old / "rows").mkdir(parents=True)
+    (old / "rows" / "vae.json").write_text("{}")  # a study folder of the platform before STUDY_FORMAT
+    return _table1_process("--priors", "vae")(tmp)
+
+
+def _conflicting_sets(tmp: Path) -> Any:
+    return _table1_process("--set", "dmd.dm_weight=20", "--set", "dmd.dm_weight=30")(tmp)
+
+
+def _repeated_row(tmp: Path) -> Any:
+    proc = subprocess.run([sys.executable, "studies/table1.py", "--priors", "vae,vae", "--out", str(tmp / "out"),
+                           "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr + f"\nrows printed: {proc.stdout.count('# ---- row ')}"
+
+
+def _repeated_ablation_value(tmp: Path) -> Any:
+    proc = subprocess.run([sys.executable, "studies/ablations.py", "--sweep", "dmd.vae_every=2,2,3", "--out",
+                           str(tmp / "out"), "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr + f"\nrows printed: {proc.stdout.count('# ---- row ')}"
+
+
 # ---- the table --------------------------------------------------------------------------------------
 
 @dataclass
@@ -189,8 +247,9 @@ ROWS = [
     Row("cmyk_jpeg", _tokenizer_on(_cmyk), None, (), lambda s: s["skipped_images"] == 0),
     Row("16bit_png", _tokenizer_on(_grey16), None, (), lambda s: s["skipped_images"] == 0),
     Row("tiny_2x3_image", _tokenizer_on(_tiny), None, (), lambda s: s["skipped_images"] == 0),
-    Row("empty_class_folder", _tokenizer_on(_empty_class, "data.num_classes=3"), None,
-        ("have no images", "c_empty"), lambda s: s["skipped_images"] == 0),
+    Row("empty_class_folder", _tokenizer_on(_empty_class, "data.num_classes=3"), DatasetNotFoundError,
+        ("have no images", "c_empty", "data.num_classes=2")),
+    Row("folder_without_images", _folder_without_images, DatasetNotFoundError, ("no images", "train")),
     Row("dataset_path_missing", _missing_root, DatasetNotFoundError, ("no-such-dataset", "data.root=")),
     Row("class_count_mismatch", _class_count_mismatch, ValueError, ("has 2 classes", "num_classes=10")),
     Row("resolution_not_divisible_by_stride", _resolution_30, ConfigError,
@@ -211,6 +270,32 @@ ROWS = [
     Row("wrong_type_cli", _table1("--set", "teacher.total_steps=abc"), SystemExit,
         ("teacher.total_steps=abc", "expected int", "e.g. teacher.total_steps=")),
     Row("invalid_value_cli", _table1("--set", "dmd.cfg_scale=0.5"), SystemExit, ("cfg_scale", "must be >= 1")),
+    Row("negative_dmd_batch_cli", _table1_process("--set", "dmd.batch_size=-4"), SystemExit,
+        ("rc=2", "dmd.batch_size=-4: must be > 0, e.g. dmd.batch_size=")),
+    Row("negative_dm_weight_cli", _table1_process("--set", "dmd.dm_weight=-5"), SystemExit,
+        ("rc=2", "dmd.dm_weight=-5.0: must be >= 0")),
+    Row("zero_gfid_samples_cli", _table1_process("--set", "eval.gfid_samples=0"), SystemExit,
+        ("rc=2", "eval.gfid_samples=0: must be > 0")),
+    Row("resolution_cli_no_traceback", _table1_process("--set", "data.resolution=30"), SystemExit,
+        ("rc=2", "data.resolution=30: must be a multiple of tokenizer.encoder_stride=8")),
+    Row("unknown_choice_lists_choices", _table1_process("--set", "data.dataset=cifar"), SystemExit,
+        ("rc=2", "data.dataset=cifar: expected one of fmnist, folder, synthetic")),
+    Row("eval_count_beyond_dataset", _table1_process("--set", "eval.gfid_ref_images=100000"), SystemExit,
+        ("rc=2", "eval.gfid_ref_images=100000: must be <= the 512 training images")),
+    Row("dm_time_range_inverted", _table1_process("--set", "dmd.t_min=0.8", "--set", "dmd.t_max=0.5"), SystemExit,
+        ("rc=2", "dmd.t_max=0.5: must be > t_min=0.8")),
+    Row("malformed_config_yaml", _malformed_config_file, SystemExit, ("rc=2", "bad.yaml:4:4: invalid YAML", "flow sequence at line 3, column 14")),
+    Row("config_file_invalid_value", _config_file_wrong_value, SystemExit, ("rc=2", "dmd.dm_weight=-3.0: must be >= 0")),
+    Row("captions_malformed_line", _captions_malformed, ValueError, ("captions.jsonl:2", "expected a JSON object")),
+    Row("weights_checksum_fails", _corrupt_weights, SystemExit,
+        ("rc=2", "fail their checksum", "efficientnet-lite0-57934424.pth", "fetch efficientnet_lite0")),
+    Row("results_of_an_older_version", _incompatible_results, SystemExit,
+        ("rc=2", "older platform version", "--clean")),
+    Row("set_twice_conflicting", _conflicting_sets, SystemExit, ("rc=2", "dmd.dm_weight is set twice, to 20 and 30")),
+    Row("row_named_twice", _repeated_row, None, ("--priors lists vae twice; running it once", "rows printed: 1"),
+        lambda out: "rows printed: 1" in out),
+    Row("ablation_value_twice", _repeated_ablation_value, None, ("lists 2 twice; running it once", "rows printed: 3"),
+        lambda out: "rows printed: 3" in out),
     Row("unknown_key_in_config_file", _config_file_unknown_key, ConfigError, ("unknown config key run.seeds",
                                                                              "valid keys", "seed")),
     Row("weights_file_missing", _weights_missing, MissingWeightsError,
@@ -233,7 +318,7 @@ def test_bad_input(row: Row, tmp_path, monkeypatch, capsys):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = row.run(tmp_path)
-        said = "\n".join(str(w.message) for w in caught)
+        said = "\n".join(str(w.message) for w in caught) + (result if isinstance(result, str) else "")
         assert all(s in said for s in row.says), said
         assert row.check(result), result
         return

@@ -175,12 +175,12 @@ class StageContext:
         return self.global_batches(n, global_batch).indices(step)
 
     def image_batches(self, dataset, global_batch: int, start: int, total: int) -> Iterator:
-        """`(img (b, 3, H, W), y (b,))` on the device for each step from `start` (the one loading path:
+        """`(img (b, 3, H, W), y (b,), ...)` on the device for each step from `start` (the one loading path:
         `dmvae_study.loaders`, flips redrawn every epoch), with the config's loader workers."""
         loader = step_loader(dataset, self.global_batches(len(dataset), global_batch), start, total,
                              num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        for img, y in loader:
-            yield img.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in loader:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     # ---- reporting --------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, float | torch.Tensor]) -> None:

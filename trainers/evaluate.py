@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dmvae_study import metrics
-from dmvae_study.build import build_dit, load_tokenizer
+from dmvae_study.build import build_dit, for_inference, load_tokenizer
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import balanced_subset, build_dataset, dataset_targets
 from dmvae_study.pipeline import LaunchOptions, artifact, final_tokenizer, is_baseline, store_of
@@ -56,7 +56,7 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
     cfg = ctx.cfg
     if ctx.is_main:
         ev, dev = cfg.eval, ctx.device
-        tok = load_tokenizer(artifact(cfg, final_tokenizer(cfg)), dev)
+        tok = for_inference(load_tokenizer(artifact(cfg, final_tokenizer(cfg)), dev))
         ext = Features(ev.extractor, cfg, dev)
         tag = ext.name
         summary: dict[str, Any] = {}

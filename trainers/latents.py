@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dmvae_study.build import load_tokenizer
+from dmvae_study.build import for_inference, load_tokenizer
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import build_dataset
 from dmvae_study.pipeline import LaunchOptions, input_artifact
@@ -21,7 +21,7 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
     cfg = ctx.cfg
     summary: dict[str, Any] = {}
     if ctx.is_main:
-        tok = load_tokenizer(input_artifact(cfg, "latents", "tokenizer"), ctx.device)
+        tok = for_inference(load_tokenizer(input_artifact(cfg, "latents", "tokenizer"), ctx.device))
         ds = build_dataset(cfg.data, "train", hflip=False)
         zs, ys = [], []
         bs = cfg.eval.batch_size  # the feature batch

@@ -24,6 +24,7 @@ from dmvae_study.pipeline import LaunchOptions, tokenizer_kind
 from dmvae_study.store import ArtifactDir, save_torch
 from trainers.common import (EMA, Optim, StageContext, apply_update, loop_tail, progress, resume, run_stage,
                              unwrap)
+from trainers.frozen import WithFeatures, cached_features
 
 
 def build_recon_loss(cfg: ExperimentConfig, disc_start: int | None, device: torch.device) -> ReconstructionLoss:
@@ -42,10 +43,20 @@ def alignment_features(cfg: ExperimentConfig, device: torch.device):
     """VA-VAE's frozen foundation features on the latent grid: `img -> (B, D, h, w)`."""
     from dmvae_study.backbones import build_grid_backbone
     _, h, w = latent_shape(cfg)
+    kw = {"layer": cfg.tokenizer.vavae_layer} if cfg.tokenizer.vavae_layer else {}
     bb, encode = build_grid_backbone(cfg.tokenizer.vavae_backbone, (h, w), vit_patch=cfg.tokenizer.backbone_patch,
                                      weights_dir=cfg.run.weights_dir, seed=cfg.run.seed, device=device,
-                                     allow_random_weights=cfg.run.allow_random_weights)
+                                     allow_random_weights=cfg.run.allow_random_weights, **kw)
     return bb, torch.no_grad()(lambda img: encode(img).float())
+
+
+def _inference_copy(bb: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`img -> features` of a frozen copy of a backbone, BatchNorms folded where it has them."""
+    import copy
+    net = copy.deepcopy(bb).eval()
+    if hasattr(net, "fuse_bn_"):
+        net.fuse_bn_()
+    return torch.no_grad()(lambda img: net.to(img.device)(img))
 
 
 @dataclass
@@ -65,6 +76,7 @@ class TokenizerState:
     ema: EMA
     vf: VAVAEAlignmentLoss | None = None
     feats: Callable[[torch.Tensor], torch.Tensor] | None = None
+    frozen: tuple[str, Callable[[torch.Tensor], torch.Tensor], dict] | None = None  # what the feature cache holds
 
     def checkpoint(self) -> dict[str, Any]:
         return {"model": self.model, "disc": self.disc, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
@@ -78,15 +90,23 @@ def setup(ctx: StageContext, rloss: ReconstructionLoss | None = None,
     cfg, t = ctx.cfg, ctx.cfg.tokenizer
     kind = tokenizer_kind(cfg)
     tok = build_tokenizer(cfg, kind, device=device)
-    align, feats, vf, sources = None, None, None, {}
-    if hasattr(tok.encoder.backbone, "weights_source"):
-        sources["backbone_weights"] = tok.encoder.backbone.weights_source
+    align, feats, vf, sources, frozen = None, None, None, {}, None
+    bb = tok.encoder.backbone
+    if hasattr(bb, "weights_source"):
+        sources["backbone_weights"] = bb.weights_source
+        if tok.encoder.backbone_frozen:  # a frozen pretrained encoder: its features can be computed once
+            key = {"layer": t.backbone_layer, "patch": t.backbone_patch, "grid": list(latent_shape(cfg)[1:]),
+                   "weights": bb.weights_source, "seed": cfg.run.seed if bb.weights_source == "random-init" else None}
+            frozen = (t.backbone, _inference_copy(bb), key)
     if kind == "vavae":
-        bb, feats = alignment_features(cfg, ctx.device)
-        sources["vavae_weights"] = bb.weights_source
-        align = AlignmentProjection(t.latent_channels, bb.out_channels)
+        abb, feats = alignment_features(cfg, ctx.device)
+        sources["vavae_weights"] = abb.weights_source
+        align = AlignmentProjection(t.latent_channels, abb.out_channels)
         vf = VAVAEAlignmentLoss(vf_weight=t.vavae_weight, cos_margin=t.vavae_cos_margin,
                                 distmat_margin=t.vavae_distmat_margin)
+        frozen = (t.vavae_backbone, feats, {"layer": t.vavae_layer, "patch": t.backbone_patch,
+                                            "grid": list(latent_shape(cfg)[1:]), "weights": abb.weights_source,
+                                            "seed": cfg.run.seed if abb.weights_source == "random-init" else None})
     model = TokenizerWithAlignment(tok, align)
     disc = build_discriminator(cfg)
     rloss = rloss or build_recon_loss(cfg, t.disc_start, ctx.device)
@@ -95,23 +115,28 @@ def setup(ctx: StageContext, rloss: ReconstructionLoss | None = None,
     model_w, disc_w = ctx.wrap(model), ctx.wrap(disc)
     ema = EMA(tok, t.ema_decay, cfg.run.ema_warmup)
     ema.shadow.to(ctx.device)
-    return TokenizerState(ctx, kind, tok, model, model_w, disc, disc_w, rloss, opt_g, opt_d, ema, vf, feats), sources
+    return TokenizerState(ctx, kind, tok, model, model_w, disc, disc_w, rloss, opt_g, opt_d, ema, vf, feats,
+                          frozen), sources
 
 
-def step(s: TokenizerState, step: int, img: torch.Tensor) -> None:
+def step(s: TokenizerState, step: int, img: torch.Tensor, frozen: torch.Tensor | None = None) -> None:
     """One pretraining step on this rank's images `(b, 3, H, W)`: the tokenizer update (reconstruction +
-    GAN from `disc_start`, + KL for the beta-VAE, + VF alignment for VA-VAE), EMA, then the discriminator."""
+    GAN from `disc_start`, + KL for the beta-VAE, + VF alignment for VA-VAE), EMA, then the discriminator.
+    `frozen`: the cached frozen features of these images (the encoder's backbone, or VA-VAE's alignment
+    backbone), as `s.frozen` says; None computes them."""
     ctx, t = s.ctx, s.ctx.cfg.tokenizer
     g = ctx.generator(step, salt=ctx.rank) if ctx.device.type == "cpu" else None
+    enc_feats = frozen if frozen is not None and s.kind != "vavae" else None
     with ctx.autocast():
-        rec, z, aux = s.model_w(img)
+        rec, z, aux = s.model_w(img, features=enc_feats) if enc_feats is not None else s.model_w(img)
         loss, stats = s.rloss.generator_loss(img, rec, step, s.disc, last_layer=s.tok.last_layer, generator=g)
         if s.kind == "beta_vae":
             kl = kl_loss(aux["mean"], aux["logvar"])
             loss = loss + t.kl_weight * kl
             stats["loss/kl"] = kl.detach()
         if s.vf is not None:
-            l_vf, st = s.vf(z, s.feats(img), unwrap(s.model_w).align, rec_loss=loss,
+            target = frozen if frozen is not None else s.feats(img)
+            l_vf, st = s.vf(z, target, unwrap(s.model_w).align, rec_loss=loss,
                             last_layer=s.tok.encoder.last_layer)
             loss = loss + l_vf
             stats.update(st)
@@ -130,11 +155,15 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
     s, sources = setup(ctx)
     state = s.checkpoint()
     start = resume(ctx, art, state)
-    batches = ctx.image_batches(ds, t.batch_size, start, t.total_steps)
+    train = ds
+    if s.frozen is not None and start < t.total_steps:
+        name, encode, key = s.frozen
+        train = WithFeatures(ds, *cached_features(ctx, name, encode, key))
+    batches = ctx.image_batches(train, t.batch_size, start, t.total_steps)
     for i in progress(ctx, start, t.total_steps):
         ctx.maybe_inject_fault(i, art)
-        img, _ = next(batches)
-        step(s, i, img)
+        img, _, *frozen = next(batches)
+        step(s, i, img, frozen[0] if frozen else None)
         loop_tail(ctx, art, i, t.total_steps, t.batch_size, state)
     return finish_tokenizer(ctx, art, s.kind, s.ema.shadow, s.disc, ds, sources)
 

@@ -100,7 +100,8 @@ def build_dataset(cfg_or_name: Any, split: str = "train", **overrides: Any) -> D
     elif name == "folder":
         if root is None:
             raise DatasetNotFoundError("dataset 'folder' needs a root (data.root=/path/to/ImageNet)")
-        ds = ImageFolderDataset(root, split, res, hflip, opts.pop("classes", None), ch, flip_seed)
+        ds = ImageFolderDataset(root, split, res, hflip, opts.pop("classes", None), ch, flip_seed,
+                                empty_classes="error" if split == "train" else "warn")
         if num_classes is not None and len(ds.classes) != num_classes:
             raise ValueError(f"{Path(root) / split} has {len(ds.classes)} classes, the config says "
                              f"num_classes={num_classes}")

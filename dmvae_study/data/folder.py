@@ -4,6 +4,7 @@ palette, transparent, tiny, corrupt or truncated images: converted, or skipped a
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import warnings
@@ -64,6 +65,54 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, Image.DecompressionBombError)
 
 
+INDEX_BUILDS = [0]  # folder walks done by this process (tests: the index is built once)
+
+
+def _index_dir(split_dir: Path) -> Path:
+    """Where a folder's index is cached: beside the data when writable (shared storage: every node and
+    rank reads one copy), else the user's data cache."""
+    from dmvae_study.data import fmnist
+    here = split_dir.parent / ".dmvae_index"
+    try:
+        here.mkdir(exist_ok=True)
+        probe = here / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        return here
+    except OSError:
+        return fmnist.DATA_CACHE / "folder-index"
+
+
+def folder_index(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """`[(file, label)]` of the images under `split_dir/<class>/` (sorted), built once per dataset and
+    cached (JSON, written atomically) under a key of the folder, the classes and the class folders'
+    modification times: every stage and rank after the first reads the cached index instead of walking
+    1.28M files again; adding or removing images changes the key."""
+    import hashlib
+    import json
+
+    from dmvae_study.store import atomic_write_text
+    stamp = [(c, (split_dir / c).stat().st_mtime_ns) for c in classes]
+    key = hashlib.sha256(json.dumps([str(split_dir.resolve()), stamp]).encode()).hexdigest()[:16]
+    path = _index_dir(split_dir) / f"{split_dir.name}-{key}.json"
+    if path.exists():
+        try:
+            return [(f, int(y)) for f, y in json.loads(path.read_text())]
+        except (ValueError, OSError):
+            pass  # a damaged index is rebuilt
+    INDEX_BUILDS[0] += 1
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (split_dir / name).rglob("*")
+                       if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        samples += [(f, label) for f in files]
+    try:
+        atomic_write_text(path, json.dumps(samples))
+    except OSError:
+        pass  # no writable cache: the next process walks again
+    return samples
+
+
 class ImageFolderDataset(_EpochAugment, Dataset):
     """ImageNet-style `root/<split>/<class>/**/*.{jpg,png,...}`, center-cropped to `resolution`.
 
@@ -76,7 +125,8 @@ class ImageFolderDataset(_EpochAugment, Dataset):
     worker processes each process keeps its own count."""
 
     def __init__(self, root: str | Path, split: str = "train", resolution: int = 256, hflip: bool = False,
-                 classes: Sequence[str] | None = None, channels: int = 3, flip_seed: int = 0):
+                 classes: Sequence[str] | None = None, channels: int = 3, flip_seed: int = 0,
+                 empty_classes: str = "warn"):
         self.root, self.split, self.resolution = Path(root).expanduser(), split, int(resolution)
         self.hflip, self.flip_seed, self.channels = hflip, flip_seed, channels
         if channels not in (1, 3):
@@ -93,14 +143,14 @@ class ImageFolderDataset(_EpochAugment, Dataset):
         if missing:
             raise DatasetNotFoundError(f"class folders missing under {split_dir}: {missing[:10]}"
                                        f"{' ...' if len(missing) > 10 else ''}")
-        self.samples: list[tuple[str, int]] = []
-        empty = []
-        for label, name in enumerate(self.classes):
-            files = sorted(str(p) for p in (split_dir / name).rglob("*")
-                           if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-            if not files:
-                empty.append(name)
-            self.samples += [(f, label) for f in files]
+        self.samples = folder_index(split_dir, self.classes)
+        counts = np.bincount([y for _, y in self.samples], minlength=len(self.classes))
+        empty = [name for name, n in zip(self.classes, counts) if n == 0]
+        if empty and empty_classes == "error":
+            raise DatasetNotFoundError(
+                f"{len(empty)} class folder(s) under {split_dir} have no images: {empty[:10]}; a class without "
+                f"training images cannot be learned or sampled. Add images, or remove the folder(s) and set "
+                f"data.num_classes={len(self.classes) - len(empty)}")
         if empty:
             warnings.warn(f"{len(empty)} class folder(s) under {split_dir} have no images and are skipped: "
                           f"{empty[:10]}", stacklevel=2)

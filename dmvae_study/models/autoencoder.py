@@ -113,7 +113,13 @@ class Encoder(nn.Module):
     def last_layer(self) -> torch.Tensor:
         return self.projector.last_layer
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """`features`: the frozen backbone's output for `img`, precomputed (a feature cache); only valid
+        while the backbone is frozen."""
+        if features is not None:
+            if not self.backbone_frozen:
+                raise ValueError("precomputed backbone features need a frozen backbone")
+            return self.projector(features.to(self.projector.last_layer.dtype))
         if self.backbone_frozen:
             with torch.no_grad():
                 feats = self.backbone(img)
@@ -145,31 +151,38 @@ class Tokenizer(nn.Module):
         self.register_buffer("latent_scale", torch.tensor(1.0))
 
     # ---- encode / decode ------------------------------------------------------------------------
-    def encode_dist(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _enc(self, img: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        return self.encoder(img) if features is None else self.encoder(img, features=features)
+
+    def encode_dist(self, img: torch.Tensor, features: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """beta-VAE posterior: `(mean, logvar, sample)`, each `(B, C, h, w)`; the sample is
         reparameterised (differentiable). logvar is clamped to [-30, 20] as in LDM."""
         if self.kind != "beta_vae":
             raise ValueError("encode_dist is defined for kind='beta_vae' only; an 'ae' latent is deterministic")
-        mean, logvar = self.encoder(img).chunk(2, dim=1)
+        mean, logvar = self._enc(img, features).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         return mean, logvar, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
-    def encode(self, img: torch.Tensor) -> torch.Tensor:
-        """Deterministic latent `(B, C, h, w)` (the posterior mean for beta_vae), unnormalised."""
-        h = self.encoder(img)
+    def encode(self, img: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic latent `(B, C, h, w)` (the posterior mean for beta_vae), unnormalised.
+        `features`: the frozen backbone's precomputed output for `img` (a feature cache)."""
+        h = self._enc(img, features)
         return h[:, : self.latent_channels] if self.kind == "beta_vae" else h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised latent `(B, C, h, w)` -> image `(B, 3, H, W)`."""
         return self.decoder(z)
 
-    def forward(self, img: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, img: torch.Tensor, sample_posterior: bool = True, features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`(rec, z, aux)`. For beta_vae `z` is a posterior sample (the mean if not `sample_posterior`)
-        and `aux` holds `mean` and `logvar` (the KL term is `objectives.recon.kl_loss`); for ae `aux` is empty."""
+        and `aux` holds `mean` and `logvar` (the KL term is `objectives.recon.kl_loss`); for ae `aux` is empty.
+        `features`: the frozen backbone's precomputed output for `img`."""
         if self.kind == "ae":
-            z = self.encoder(img)
+            z = self._enc(img, features)
             return self.decoder(z), z, {}
-        mean, logvar, sample = self.encode_dist(img)
+        mean, logvar, sample = self.encode_dist(img, features)
         z = sample if sample_posterior else mean
         return self.decoder(z), z, {"mean": mean, "logvar": logvar}
 
@@ -281,8 +294,8 @@ class TokenizerWithAlignment(nn.Module):
         super().__init__()
         self.tok, self.align = tok, align
 
-    def forward(self, img: torch.Tensor):
-        rec, z, aux = self.tok(img)
+    def forward(self, img: torch.Tensor, features: torch.Tensor | None = None):
+        rec, z, aux = self.tok(img, features=features)
         if self.align is not None:
             aux = {**aux, "z_proj": self.align(z)}
         return rec, z, aux
