@@ -156,13 +156,6 @@ def resolve(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
     path = expected_path(name, weights_dir)
     missing = _complete(path, s)
     if not missing:
-        if s.sha256 is not None and not s.is_dir:  # a staged file must be the one the spec names
-            got = file_sha256(path)
-            if not got.startswith(s.sha256):
-                raise CorruptWeightsError(
-                    f"weights {name!r} at {path} fail their checksum (sha256 {got[:12]}..., expected "
-                    f"{s.sha256[:12]}...): the file is truncated or not {s.source}. Delete it and fetch it again "
-                    f"with `python -m dmvae_study.weights fetch {name}`.")
         return path
     if s.package:
         p = _package_path(s)
@@ -177,6 +170,21 @@ def resolve(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
         f"Fetch them with `python -m dmvae_study.weights fetch {name}` (needs network), or copy "
         f"{'the files' if s.is_dir else 'the file'} from {s.url} there; set ${ENV_VAR} or run.weights_dir to "
         f"use another weights directory. Source: {s.source}.")
+
+
+def checked(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
+    """`resolve`, and a staged file must be the one its spec names: a recorded sha256 that does not match
+    raises CorruptWeightsError (what the studies' preflight calls for every file a row needs)."""
+    path = resolve(name, weights_dir)
+    s = spec(name)
+    if s.sha256 is not None and path.is_file():
+        got = file_sha256(path)
+        if not got.startswith(s.sha256):
+            raise CorruptWeightsError(
+                f"weights {name!r} at {path} fail their checksum (sha256 {got[:12]}..., expected "
+                f"{s.sha256[:12]}...): the file is truncated or not {s.source}. Delete it and fetch it again "
+                f"with `python -m dmvae_study.weights fetch {name}`.")
+    return path
 
 
 def is_available(name: str, weights_dir: str | os.PathLike | None = None) -> bool:

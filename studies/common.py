@@ -156,10 +156,10 @@ def check_weights(cfg: ExperimentConfig) -> None:
     """Every pretrained file the row needs is staged and passes its checksum (a corrupt file is refused
     even when random-init is allowed); found here, before Ray, not hours into a cluster run."""
     from dmvae_study.pipeline import required_weights
-    from dmvae_study.weights import CorruptWeightsError, MissingWeightsError, resolve as resolve_weights
+    from dmvae_study.weights import CorruptWeightsError, MissingWeightsError, checked
     for name, may_be_random in required_weights(cfg).items():
         try:
-            resolve_weights(name, cfg.run.weights_dir)
+            checked(name, cfg.run.weights_dir)
         except CorruptWeightsError as e:
             raise UserError(str(e)) from None
         except MissingWeightsError:
@@ -185,8 +185,9 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     --print-config / --dry-run; returns None when nothing is to run. Nothing here starts Ray."""
     base = base_config(args, name)
     seeds = split_list(args.seeds, "--seeds", int)
-    resolved = resolve_rows(base, rows, seeds, weights=not args.dry_run)
+    resolved = resolve_rows(base, rows, seeds, weights=not (args.dry_run or args.print_config))
     root = Path(base.run.out_dir) / name
+    notice_baseline_keys(args, resolved)
     if args.print_config:
         for label, cfg in resolved.items():
             print(f"# ---- row {label}: derived {json.dumps(derived(cfg), default=str)}\n{dump_yaml(cfg)}")
@@ -207,6 +208,19 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
         raise UserError(str(e)) from None
     check_format(root)
     return Study(name, root, base, resolved, args)
+
+
+def notice_baseline_keys(args: argparse.Namespace, rows: dict[str, ExperimentConfig]) -> None:
+    """`tokenizer.*` is the DMVAE tokenizer; the vae / vavae rows train the `baseline.*` autoencoder. Say
+    so when a user sets the one but not the other and the study has baseline rows."""
+    from dmvae_study.pipeline import is_baseline
+    if not any(is_baseline(c) for c in rows.values()):
+        return
+    keys = {o.split("=", 1)[0].strip() for o in args.overrides}
+    loose = sorted(k for k in keys if k.startswith("tokenizer.") and "baseline." + k[len("tokenizer."):] not in keys)
+    if loose:
+        print(f"note: {', '.join(loose)} set(s) the DMVAE tokenizer only; the baseline rows train the baseline.* "
+              f"autoencoder (e.g. --set baseline.{loose[0].split('.', 1)[1]}=...)", file=sys.stderr)
 
 
 def check_format(root: Path) -> None:
@@ -230,25 +244,28 @@ def init_ray(address: str | None = None) -> None:
     import ray
     if ray.is_initialized():
         return
+    from studies.resources import HEAD
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+    else:  # the local head also offers the `head` resource trial drivers reserve (studies/resources.py)
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True, resources={HEAD: 1},
                  _temp_dir=os.environ.get("RAY_TMPDIR"))
 
 
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """A trial driver that runs in-process holds its worker's resources; one that launches a
-    TorchTrainer holds almost nothing (its Train workers reserve CPUs/GPUs; on 2 cores a driver
-    reserving a whole CPU starves its own workers)."""
-    if cfg.run.num_workers == 1:
-        return {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
-    return {"CPU": 0.01}
+def share_cpus(rows: dict[str, ExperimentConfig], multinode: bool) -> dict[str, ExperimentConfig]:
+    """On one CPU machine, rows that run in-process share its cores: each of the rows that run at once gets
+    `cores / concurrent` CPUs (and as many torch threads), so a lone row uses every core and two rows
+    one core each, instead of a fixed 0.9 CPU per row. Not an artifact key: results do not depend on it."""
+    import ray
 
-
-def max_concurrency(cfg: ExperimentConfig, n_trials: int) -> int:
-    """Concurrent trials: `run.max_concurrent_trials`, else every trial (Ray queues what does not fit)."""
-    return cfg.run.max_concurrent_trials or max(n_trials, 1)
+    from studies.resources import in_process
+    first = next(iter(rows.values()))
+    if multinode or first.run.use_gpu or not in_process(first, multinode) or first.run.threads:
+        return rows
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    at_once = min(len(rows), first.run.max_concurrent_trials or len(rows), cores)
+    per = max(1, cores // max(at_once, 1))
+    return {k: c.replace(run=c.run.replace(cpus_per_worker=float(per))) for k, c in rows.items()}
 
 
 # ---- one trial -----------------------------------------------------------------------------------------
@@ -277,7 +294,7 @@ def row_trial(config: dict[str, Any]) -> None:
     t0 = time.time()
     failed = root / "rows" / f"{label}.failed.json"
     try:
-        results = run_pipeline(cfg, opts=opts)
+        results = run_pipeline(cfg, opts=opts, force_ray=config.get("force_ray", False))
     except Exception as e:
         blob = {"row": label, "stage": getattr(e, "dmvae_stage", None), "error": f"{type(e).__name__}: {e}",
                 "log": opts.log_file, "traceback": traceback.format_exc()}
@@ -310,15 +327,20 @@ def flatten_row(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s
 def run_shared_work(study: Study) -> None:
     """Stages two or more rows need (the shared tokenizer, a beta-VAE that is also an LDM, a reference set
     and teacher shared by ablation points) run once, before the trials, so trials do not queue on locks."""
+    import ray
+
     from dmvae_study.pipeline import shared_work
-    from trainers.launch import ensure
+    from studies.resources import in_process, is_multinode
+    from trainers.launch import ensure, run_pipeline
     setup_logging()
+    multinode = is_multinode()
+    cores = float(ray.cluster_resources().get("CPU", 1))
     for stage, cfg in shared_work(list(study.rows.values())):
-        if cfg.run.num_workers == 1:
+        if in_process(cfg, multinode):  # alone on this machine: every core
+            cfg = cfg if cfg.run.use_gpu or cfg.run.threads else cfg.replace(run=cfg.run.replace(cpus_per_worker=cores))
             ensure(stage, cfg, LaunchOptions(row="shared"))
         else:
-            from trainers.launch import run_pipeline
-            run_pipeline(cfg, stages=[stage], opts=LaunchOptions(row="shared"))
+            run_pipeline(cfg, stages=[stage], force_ray=True, opts=LaunchOptions(row="shared"))
 
 
 def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
@@ -349,20 +371,25 @@ def run_tune(study: Study) -> pd.DataFrame:
     from ray import tune
 
     from dmvae_study.store import config_digest
-    rows = {k: v.to_dict() for k, v in study.rows.items()}
-    first = next(iter(study.rows.values()))
-    trainable = tune.with_resources(row_trial, trial_resources(first))
+    from studies import resources
+    multinode = resources.is_multinode()
+    shared = share_cpus(study.rows, multinode)
+    rows = {k: v.to_dict() for k, v in shared.items()}
+    first = next(iter(shared.values()))
+    trainable = tune.with_resources(row_trial, resources.trial_resources(first, multinode))
     # One Tune experiment per row set: rerunning the same command restores it; other rows or settings start
     # a new one (finished stages are still reused from the artifact store).
-    path = study.root / f"tune-{config_digest(rows, 8)}"
+    path = study.root / f"tune-{config_digest({k: v.to_dict() for k, v in study.rows.items()}, 8)}"
     if study.args.restart and path.exists():
         shutil.rmtree(path)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
-            trainable, param_space={"row": tune.grid_search(list(rows)), "rows": rows},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrency(first, len(rows))),
+            trainable, param_space={"row": tune.grid_search(list(rows)), "rows": rows,
+                                    "force_ray": not resources.in_process(first, multinode)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=resources.max_concurrency(first, len(rows), multinode)),
             run_config=tune.RunConfig(name=path.name, storage_path=str(study.root), verbose=1,
                                       callbacks=tracking_callbacks(study.args),
                                       failure_config=tune.FailureConfig(max_failures=first.run.max_failures)))

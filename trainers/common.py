@@ -12,7 +12,6 @@ worker at batch N*b, and a resumed run replays exactly the batches an uninterrup
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from dmvae_study.config import ExperimentConfig
 from dmvae_study.loaders import GlobalBatches, hash_seed, step_loader
 from dmvae_study.pipeline import STAGES, LaunchOptions, artifact, artifact_key, resolve
 from dmvae_study.store import ArtifactDir, atomic_write_text
+from trainers.checkpoint import checkpoint_state, restore_state, resume, save  # noqa: F401 (the stages' API)
+from trainers.ema import EMA, unwrap  # noqa: F401 (the stages' API)
 
 log = logging.getLogger("dmvae_study")
 
@@ -49,42 +50,6 @@ def run_stage(name: str, cfg: ExperimentConfig, opts: LaunchOptions | None = Non
     if ctx.is_main:
         art.write_config(artifact_key(cfg, name))
     return STAGES[name].body()(ctx, art)
-
-
-class EMA:
-    """Exponential moving average of a module's floating-point parameters and buffers.
-
-    With `warmup` the decay of update n (0-based) is `min(decay, (1 + n) / (10 + n))`, the
-    TensorFlow `num_updates` convention diffusers also uses: short runs are not dominated by the
-    initial weights (plain decay 0.999 after 800 steps keeps 45% of them), and long runs are
-    unchanged (the cap binds from n = 9/(1 - decay) - 1). `warmup=False` is the official code's
-    plain EMA. `updates` is checkpointed with the shadow weights."""
-
-    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.shadow = copy.deepcopy(unwrap(module)).eval().requires_grad_(False)
-
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """One fused `_foreach_lerp_` over all floating tensors (a loop is ~400 small launches for XL)."""
-        src = unwrap(module).state_dict()
-        dst = self.shadow.state_dict()
-        floats = [k for k, v in dst.items() if v.dtype.is_floating_point]
-        decay = self.current_decay()
-        self.updates += 1
-        torch._foreach_lerp_([dst[k] for k in floats], [src[k].to(dst[k].dtype) for k in floats], 1.0 - decay)
-        for k, v in dst.items():
-            if not v.dtype.is_floating_point:
-                v.copy_(src[k])
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 @dataclass
@@ -287,6 +252,7 @@ def progress(ctx: StageContext, start: int, total: int) -> Iterator[int]:
     progress line per log interval instead, which reach the driver and `ray job logs`)."""
     quiet = (os.environ.get("DMVAE_NO_PROGRESS") == "1" or ctx.opts.ray or ctx.opts.report != "none"
              or not sys.stderr.isatty())
+    ctx._last_flush = (time.time(), start)  # img/s of the first interval counts from here, not from set-up
     if not ctx.is_main or total - start <= 0 or quiet:
         yield from range(start, total)
         return
@@ -347,51 +313,4 @@ def loop_tail(ctx: StageContext, art: ArtifactDir, step: int, total: int, images
     if done % run.checkpoint_every == 0 or done == total:
         save(ctx, art, done, state)
     return out
-
-
-def checkpoint_state(modules: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for k, m in modules.items():
-        if isinstance(m, EMA):
-            state[k] = m.shadow.state_dict()
-            state[f"{k}.updates"] = m.updates
-        elif hasattr(m, "state_dict"):
-            state[k] = unwrap(m).state_dict() if isinstance(m, nn.Module) else m.state_dict()
-    state["rng_cpu"] = torch.get_rng_state()
-    return state
-
-
-def restore_state(modules: dict[str, Any], state: dict[str, Any]) -> None:
-    for k, m in modules.items():
-        if k not in state:
-            raise KeyError(f"checkpoint lacks {k!r}")
-        if isinstance(m, EMA):
-            m.shadow.load_state_dict(state[k])
-            m.updates = int(state.get(f"{k}.updates", 0))
-        elif isinstance(m, nn.Module):
-            unwrap(m).load_state_dict(state[k])
-        else:
-            m.load_state_dict(state[k])
-    if "rng_cpu" in state:
-        torch.set_rng_state(state["rng_cpu"])
-
-
-def resume(ctx: StageContext, art: ArtifactDir, modules: dict[str, Any]) -> int:
-    """Load the newest good checkpoint into `modules`; return the step to start from (0 if none)."""
-    found = art.load_latest_checkpoint()
-    if found is None:
-        return 0
-    step, state = found
-    restore_state(modules, state)
-    ctx.resumed_from = step
-    if ctx.is_main:
-        log.info("[%s] resumed from step %d (%s)", ctx.stage, step, art.path)
-    return step
-
-
-def save(ctx: StageContext, art: ArtifactDir, step: int, modules: dict[str, Any]) -> None:
-    if ctx.is_main:
-        art.save_checkpoint(step, checkpoint_state(modules))
-    ctx.barrier()
-
 

@@ -19,7 +19,7 @@ from trainers.latents import load_latents
 
 def gfid_curve(ctx: StageContext, shape: tuple[int, ...]):
     """Callback for Fig. 8: every `generator.eval_every` steps, gFID of the current EMA net on
-    min(gfid_samples, 1000) samples (logged as `eval/gfid_curve`; main rank only)."""
+    min(eval.gfid_samples, generator.curve_samples) samples (logged as `eval/gfid_curve`; main rank only)."""
     cfg = ctx.cfg
     every = cfg.generator.eval_every
     if every <= 0:
@@ -34,7 +34,7 @@ def gfid_curve(ctx: StageContext, shape: tuple[int, ...]):
             state["tok"] = load_tokenizer(artifact(cfg, final_tokenizer(cfg)), ctx.device)
             state["ext"] = evaluate.Features(cfg.eval.extractor, cfg, ctx.device)
             state["ref"] = evaluate.reference_features(cfg, state["ext"])
-        n = min(cfg.eval.gfid_samples, 1000)
+        n = min(cfg.eval.gfid_samples, cfg.generator.curve_samples)
         gen = evaluate.generate(cfg, ctx, ema.eval(), state["tok"], state["ext"], n, shape, seed_offset=step)
         return {"eval/gfid_curve": fid_from_features(state["ref"], gen["features"]), "eval/gfid_curve_n": n}
     return on_log
