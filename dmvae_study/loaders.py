@@ -93,12 +93,18 @@ class StepBatchSampler(Sampler):
         return max(self.total - self.start, 0)
 
 
+OWN_GENERATOR = True  # False: the pre-fix behaviour (tests/test_regression.py pins it to compare old numbers)
+
+
 def step_loader(dataset: Dataset, batches: GlobalBatches, start: int, total: int, *, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
     """DataLoader yielding `(img (b, C, H, W), y (b,))` for each step from `start` to `total`."""
+    # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from the *global*
+    # RNG, which would shift the stream a resumed stage restores (the beta-VAE posterior noise draws from it).
     return DataLoader(EpochIndexed(dataset), batch_sampler=StepBatchSampler(batches, start, total),
                       num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0) if OWN_GENERATOR else None)
 
 
 __all__ = ["EpochIndexed", "GlobalBatches", "StepBatchSampler", "hash_seed", "set_dataset_epoch", "step_loader"]

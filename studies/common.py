@@ -47,7 +47,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable, e.g. --set dmd.dm_weight=20 (wins over every default)")
     p.add_argument("--seeds", default=None, metavar="S1,S2",
-                   help="run every row once per seed (one Tune trial each), e.g. --seeds 0,1,2")
+                   help="run every row once per seed (one Tune trial each, rows <row>-s<seed>), e.g. --seeds 0,1,2")
+    p.add_argument("--merge", action="append", default=[], metavar="DIR",
+                   help="results of earlier parts (a folder of rows/*.json manifests, e.g. committed under docs/): "
+                        "a (row, seed) found there with the same resolved config is not run again")
     p.add_argument("--restart", action="store_true",
                    help="start the Tune experiment over; finished stages are still reused from the artifact store")
     p.add_argument("--clean", action="store_true", help="delete this study's cached work (store, Tune state, "
@@ -144,7 +147,7 @@ def resolve_rows(base: ExperimentConfig, rows: dict[str, dict[str, Any]], seeds:
         cfg = apply_overrides(base, over) if over else base
         for seed in seeds or [cfg.run.seed]:
             c = cfg.replace(run=cfg.run.replace(seed=seed)) if seeds else cfg
-            label = f"{row}-s{seed}" if seeds and len(seeds) > 1 else row
+            label = f"{row}-s{seed}" if seeds else row
             out[label] = resolve(c)
             check_row(out[label])
             if weights:
@@ -207,7 +210,35 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     except OSError as e:
         raise UserError(str(e)) from None
     check_format(root)
+    merge_parts(args.merge, root)
     return Study(name, root, base, resolved, args)
+
+
+def merge_parts(dirs: list[str], root: Path) -> None:
+    """Copy the row manifests of earlier parts into this study's `rows/` (a row already there is kept)."""
+    for d in dirs:
+        src = Path(d).expanduser()
+        src = src / "rows" if (src / "rows").is_dir() else src
+        if not src.is_dir():
+            raise UserError(f"--merge {d}: no such folder of row manifests (rows/*.json)")
+        for m in sorted(src.glob("*.json")):
+            if not m.name.endswith(".failed.json") and not (root / "rows" / m.name).exists():
+                atomic_write_text(root / "rows" / m.name, m.read_text())
+
+
+def done_records(study: Study) -> dict[str, dict[str, Any]]:
+    """Rows whose manifest holds a result of the same evaluation artifact (its key chains every stage's
+    config and the seed): done, reported, not rerun, whether or not their store is still on disk."""
+    from dmvae_study.pipeline import artifact
+    out = {}
+    for label, cfg in study.rows.items():
+        m = study.root / "rows" / f"{label}.json"
+        if m.exists():
+            blob = json.loads(m.read_text())
+            if blob.get("record") and Path(blob.get("artifacts", {}).get("eval", "")).name == \
+                    artifact(cfg, "eval").path.name:
+                out[label] = blob["record"]
+    return out
 
 
 def notice_baseline_keys(args: argparse.Namespace, rows: dict[str, ExperimentConfig]) -> None:
@@ -302,8 +333,9 @@ def row_trial(config: dict[str, Any]) -> None:
         raise
     failed.unlink(missing_ok=True)
     wall = time.time() - t0
-    write_manifest(cfg, label, results, wall)
-    tune.report({**flatten_row(cfg, label, results, wall), "row_done": 1})
+    record = flatten_row(cfg, label, results, wall)
+    write_manifest(cfg, label, results, wall, extra={"record": record})
+    tune.report({**record, "row_done": 1})
 
 
 def flatten_row(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s: float) -> dict[str, Any]:
@@ -347,9 +379,18 @@ def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
     """Shared work, then one Tune trial per row (resuming an interrupted study), then the tables.
     Any failed row: the table still lists it (status failed), a summary names row, stage, error and
     log, and the process exits non-zero."""
-    init_ray(study.args.address)
-    run_shared_work(study)
-    df = run_tune(study)
+    done = done_records(study)
+    if done:
+        print(f"note: {len(done)} row(s) already done (their manifests hold the same config): "
+              f"{', '.join(done)}; not run again", file=sys.stderr)
+    todo = Study(study.name, study.root, study.base, {k: v for k, v in study.rows.items() if k not in done},
+                 study.args)
+    frames = [pd.DataFrame.from_records(list(done.values()))] if done else []
+    if todo.rows:
+        init_ray(study.args.address)
+        run_shared_work(todo)
+        frames.append(run_tune(todo))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     order = [r for r in study.rows if r in set(df["row"])] if len(df) else []
     df = df.set_index("row").loc[order].reset_index() if len(df) else df
     show = write_tables(df, study.root, stem, caption)

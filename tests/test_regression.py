@@ -5,7 +5,8 @@ Tolerance: exact equality (CPU, same seed, same thread count: the runs are bitwi
 were so twice in a row before the refactor). The behaviours later changed on purpose are pinned back
 to the old ones (`PIN`): per-epoch flips off (the old loader never advanced the epoch), logit-normal
 teacher / generator times, no DMD weight decay / clipping / warmup, the GAN term from step 0, the EMA
-tokenizer out of DMD. Not compared, and why:
+tokenizer out of DMD, and the DataLoader drawing its base seed from the global RNG (fixed later: that draw
+shifted the stream a resumed stage restores, `loaders.OWN_GENERATOR`). Not compared, and why:
 - `dmd/match/swd`: the matching measure now draws its reference samples from its own seeded stream;
 - `generator/*` and `eval/*` other than PSNR: the latent cache is now its own stage, so the stage-2
   DiT's initial weights come from a fresh seeded stream (before, building the tokenizer inside the
@@ -31,7 +32,9 @@ NOT_COMPARED = {("dmd", "match/swd")}
 
 @pytest.mark.slow
 def test_smoke_row_metrics_unchanged_by_the_refactor(tmp_path, monkeypatch):
+    import dmvae_study.loaders as loaders
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
+    monkeypatch.setattr(loaders, "OWN_GENERATOR", False)
     cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *PIN]), "gaussian")
     res = run_pipeline(cfg)
     golden = json.loads(GOLDEN.read_text())

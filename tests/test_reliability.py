@@ -394,3 +394,34 @@ def test_cluster_yaml_carries_no_credentials():
     assert not found, f"cluster.yaml seems to contain credentials: {found}"
     hosts = re.findall(r"--dashboard-host[= ](\S+)", text)  # a dashboard, if started, stays on loopback
     assert all(h.strip("'\"") in ("127.0.0.1", "localhost") for h in hosts), hosts
+
+
+def _tokenizer_stage(cfg_dict):
+    from dmvae_study.config import ExperimentConfig
+    from trainers import tokenizer
+    torch.set_num_threads(1)
+    tokenizer.train_loop(ExperimentConfig.from_dict(cfg_dict))
+
+
+@pytest.mark.slow
+def test_resumed_beta_vae_tokenizer_matches_uninterrupted_on_two_workers(tmp_path):
+    """The beta-VAE posterior noise and the unseeded augmentations draw from each rank's global RNG; a
+    checkpoint keeps every rank's stream, so a 2-worker tokenizer run killed at step 3 and resumed from its
+    step-2 checkpoint ends with the uninterrupted run's weights (before: rank 1 resumed on rank 0's stream)."""
+    import torch.multiprocessing as mp
+
+    from tests.ddp_util import run_distributed
+    base = ["tokenizer.total_steps=6", "tokenizer.batch_size=8", "tokenizer.disc_start=2", "run.checkpoint_every=2",
+            "run.log_every=2", "run.num_workers=2", "data.train_limit=64"]
+    one = resolve(preset("smoke", [f"run.out_dir={tmp_path / 'a'}", *base]), "vae")
+    run_distributed(_tokenizer_stage, 2, one.to_dict())
+    faulty = resolve(preset("smoke", [f"run.out_dir={tmp_path / 'b'}", *base, "run.fail_at_step=3"]), "vae")
+    with pytest.raises(mp.ProcessExitedException):
+        run_distributed(_tokenizer_stage, 2, faulty.to_dict())  # rank 1 exits at step 3
+    art = artifact(faulty, "tokenizer")
+    assert [s for s, _ in art.checkpoints()] == [2] and not art.done
+    run_distributed(_tokenizer_stage, 2, faulty.to_dict())      # the same config again: resumes at step 2
+    a = load_torch(artifact(one, "tokenizer").file("tokenizer.pt"))["state"]
+    b = load_torch(art.file("tokenizer.pt"))["state"]
+    worst = _max_diff(a, b)
+    assert worst < 1e-5, f"resumed tokenizer differs from the uninterrupted one by {worst}"
