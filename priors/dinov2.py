@@ -23,11 +23,7 @@ DEFAULT_BACKBONE = "dinov2_vitl14"  # the paper's DINOv2-ViT/L
 
 def dino_backbone(cfg: ExperimentConfig) -> str:
     """`prior.backbone` when set (the smoke preset: dinov2_vits14), else DINOv2 ViT-L/14."""
-    name = cfg.prior.backbone or DEFAULT_BACKBONE
-    if not name.startswith("dinov2"):
-        log.warning("prior %s uses prior.backbone=%s, not a DINOv2 model: its features are %s features",
-                    cfg.prior.name, name, name)
-    return name
+    return cfg.prior.backbone or DEFAULT_BACKBONE
 
 
 def dino_stand_in(cfg: ExperimentConfig) -> str | None:
@@ -39,4 +35,8 @@ def dino_stand_in(cfg: ExperimentConfig) -> str | None:
           needs=backbone_tokenizer_needs(dino_backbone), stand_in=dino_stand_in)
 def build(ctx: BuildContext) -> ReferenceSet:
     """DINOv2 tokenizer latents (or reduced DINOv2 tokens) of every training image (or prior.num_samples)."""
+    name = dino_backbone(ctx.cfg)
+    if not name.startswith("dinov2") and ctx.is_main:
+        log.warning("prior %s uses prior.backbone=%s, not a DINOv2 model: its features are %s features (the row "
+                    "is labelled with what stands in for DINOv2)", ctx.cfg.prior.name, name, name)
     return backbone_prior(ctx, dino_backbone(ctx.cfg), training_items(ctx))

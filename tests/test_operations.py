@@ -120,3 +120,38 @@ def test_dry_run_plans_the_paper_setting_without_ray_or_data(tmp_path):
     out = proc.stdout
     assert "row dinov2" in out and "dmd" in out and "H100-h" in out and "total to train" in out
     assert not ray_dir.exists() and not (tmp_path / "out").exists()
+
+
+def test_seeds_in_parts_merge_and_intervals_match_a_direct_computation(tmp_path):
+    """A study in two parts: seed 0, then seeds 0 and 1 with part 1's committed manifests merged in (from a
+    copy elsewhere, as docs/ would hold them): part 2 runs only the seed-1 rows. The report's interval
+    columns equal a direct Student-t computation over the two seeds."""
+    import math
+    import shutil
+
+    from scipy import stats
+    part1 = study(tmp_path, "--priors", "vae,gaussian", "--seeds", "0", "--out", "p1")
+    assert "vae-s0" in part1.stdout
+    committed = tmp_path / "committed"
+    shutil.copytree(tmp_path / "p1" / "table1-smoke" / "rows", committed)
+    part2 = study(tmp_path, "--priors", "vae,gaussian", "--seeds", "0,1", "--out", "p2", "--merge", str(committed))
+    assert "2 row(s) already done" in part2.stderr and "vae-s0, gaussian-s0" in part2.stderr
+    root = tmp_path / "p2" / "table1-smoke"
+    assert len(list((root / "store" / "eval").glob("eval-*"))) == 2  # only the seed-1 rows were evaluated here
+    rep = subprocess.run([sys.executable, "-m", "dmvae_study.report", str(root)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    seeds = pd.read_csv(root / "report" / "seeds.csv").set_index("row")
+    table = pd.read_csv(root / "table1.csv")
+    assert sorted(table["row"]) == ["gaussian-s0", "gaussian-s1", "vae-s0", "vae-s1"]
+    for row in ("vae", "gaussian"):
+        for m in ("gfid", "psnr", "rfid"):
+            v = table.loc[table["row"].str.startswith(row + "-s"), m].to_numpy(float)
+            half = stats.t.ppf(0.975, 1) * v.std(ddof=1) / math.sqrt(2)
+            assert seeds.loc[row, "n"] == 2
+            assert math.isclose(seeds.loc[row, f"{m}_mean"], v.mean(), rel_tol=1e-9)
+            assert math.isclose(seeds.loc[row, f"{m}_lo"], v.mean() - half, rel_tol=1e-9, abs_tol=1e-9)
+            assert math.isclose(seeds.loc[row, f"{m}_hi"], v.mean() + half, rel_tol=1e-9, abs_tol=1e-9)
+    pairs = pd.read_csv(root / "report" / "pairs.csv")
+    assert len(pairs) == 1 and set(pairs.columns) >= {"diff", "lo", "hi", "resolved"}
+    assert "Seeds and intervals" in (root / "report" / "report.md").read_text()

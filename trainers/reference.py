@@ -21,7 +21,8 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
     cfg = ctx.cfg
     inputs = {label: artifact(c, st) for label, (st, c) in STAGES["reference"].inputs(cfg).items()}
     ref = build_reference(BuildContext(cfg=cfg, device=ctx.device, rank=ctx.rank, world=ctx.world, art=art,
-                                       inputs=inputs, progress=ctx.is_main and not ctx.opts.ray))
+                                       inputs=inputs, progress=ctx.is_main and not ctx.opts.ray
+                                       and ctx.opts.report == "none"))
     summary = {"count": len(ref), "shape": list(ref.sample_shape), "num_classes": ref.num_classes,
                **{k: v for k, v in ref.provenance.items() if isinstance(v, (int, float, str, bool))}}
     if ctx.is_main:

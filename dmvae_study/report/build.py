@@ -88,6 +88,27 @@ def _table_sections(study: Study, out: Path) -> list[Section]:
     return sections
 
 
+def _seed_sections(study: Study, out: Path) -> list[Section]:
+    """Mean, std and 95% interval over seeds per row, and which gFID differences the seeds resolve."""
+    from dmvae_study.report.stats import base_row, display_summary, pairwise, seed_summary
+    summary = seed_summary(study.table)
+    if summary is None:
+        return []
+    atomic_write_text(out / "seeds.csv", summary.to_csv(index=False))
+    parts: list[Part] = [Para("Per row over its seeds: mean ± standard deviation [95% interval of the mean, "
+                              "Student t]. Files: [seeds.csv](seeds.csv), [pairs.csv](pairs.csv)."),
+                         Table(display_summary(summary))]
+    rows = [base_row(r) for r in study.table["row"]]
+    semantic = next((r for r in rows if r.startswith("dinov2")), None)
+    pairs = pairwise(study.table, "gfid", first=semantic)
+    if pairs is not None:
+        atomic_write_text(out / "pairs.csv", pairs.to_csv(index=False))
+        parts += [Para("gFID difference of each pair of rows (a - b) with its 95% interval (Welch): *resolved* "
+                       "when the interval excludes 0, i.e. the seeds tell the two rows apart."),
+                  Table(pairs.round(3))]
+    return [Section("Seeds and intervals", parts)]
+
+
 def _figure_sections(study: Study, out: Path, max_points: int, seed: int) -> list[Section]:
     sections = []
     fig8, kind = plot_generator_curves(study, out)
@@ -139,7 +160,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, max
     study = load_study(results_dir)
     out = Path(out_dir) if out_dir is not None else study.root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    sections = [_header(study), *_table_sections(study, out)]
+    sections = [_header(study), *_table_sections(study, out), *_seed_sections(study, out)]
     if study.rows:
         with _threads(threads):
             sections += _figure_sections(study, out, max_points, seed)

@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 
 STUDY_STEMS = ("table1", "ablations")  # the study tables `studies/*.py` write
-RESULT_COLUMNS = ("row", "prior", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
-                  "diversity", "latent_diversity", "wall_s", "gpu_hours", "random_init")
+RESULT_COLUMNS = ("row", "prior", "seed", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
+                  "diversity", "latent_diversity", "dm_weight", "cfg_scale", "timestep_schedule", "score_net_size",
+                  "reduction", "stand_in", "wall_s", "gpu_hours", "random_init", "status")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StudyRow:
     wall_s: float | None = None
     derived: dict[str, Any] = field(default_factory=dict)  # values the study resolved for this row (dm_weight, ...)
     seed: int | None = None  # the row's seed when the study repeats a prior over seeds (`dinov2-s1`)
+    record: dict[str, Any] = field(default_factory=dict)  # the row's table record (studies/common.flatten_row)
 
     @property
     def is_baseline(self) -> bool:
@@ -86,7 +88,8 @@ def load_manifests(root: Path) -> dict[str, StudyRow]:
         rows[m["row"]] = StudyRow(name=m["row"], prior=m.get("prior", m["row"]), config=m.get("config", {}),
                                   summaries=m.get("summaries", {}),
                                   artifacts={s: (root / a).resolve() for s, a in m.get("artifacts", {}).items()},
-                                  wall_s=m.get("wall_s"), derived=m.get("derived") or {}, seed=m.get("seed"))
+                                  wall_s=m.get("wall_s"), derived=m.get("derived") or {}, seed=m.get("seed"),
+                                  record=m.get("record") or {})
     return rows
 
 
@@ -112,7 +115,14 @@ def load_study(results_dir: str | Path) -> Study:
     rows = load_manifests(root)
     notes: list[str] = []
     csv = next((root / f"{s}.csv" for s in STUDY_STEMS if (root / f"{s}.csv").exists()), None)
-    if csv is not None:
+    records = [r.record for r in rows.values() if r.record]
+    if csv is not None and len(records) > len(pd.read_csv(csv)):
+        # a study run in parts (--seeds / --priors subsets, --merge): every part's row is in the manifests
+        stem = csv.stem
+        table = pd.DataFrame.from_records(sorted(records, key=lambda r: (str(r["row"]).split("-s")[0], r["row"])))
+        notes.append(f"The table merges {len(records)} row manifests (a study run in parts); {csv.name} holds the "
+                     f"last part only.")
+    elif csv is not None:
         stem, table = csv.stem, pd.read_csv(csv)
     elif rows:
         stem = next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")

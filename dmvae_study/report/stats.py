@@ -1,0 +1,92 @@
+"""Seed statistics of a study (rows `<row>-s<seed>`): per row and metric the mean, standard deviation and
+95% interval of the mean over seeds (Student t), and, per pair of rows, the difference of mean gFID with
+its 95% interval (Welch): "resolved" when the interval excludes 0, i.e. the seeds can tell the two apart."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+SEED_LABEL = re.compile(r"^(?P<row>.+)-s(?P<seed>\d+)$")
+METRICS = ("rfid", "psnr", "gfid", "is", "matching_swd")
+LOWER_IS_BETTER = {"rfid": True, "psnr": False, "gfid": True, "is": False, "matching_swd": True}
+
+
+def base_row(label: str) -> str:
+    m = SEED_LABEL.match(str(label))
+    return m["row"] if m else str(label)
+
+
+def t_quantile(df: float, q: float = 0.975) -> float:
+    from scipy import stats
+    return float(stats.t.ppf(q, df))
+
+
+def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame | None:
+    """One line per row: `n` seeds and, per metric, `<m>_mean`, `<m>_std` (sample, ddof 1), `<m>_lo`,
+    `<m>_hi` (mean -+ t_{0.975, n-1} std / sqrt(n)). None when no row has two seeds."""
+    if "row" not in table or table.empty:
+        return None
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    groups = ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)
+    if max((len(g) for _, g in groups), default=0) < 2:
+        return None
+    records = []
+    for row, g in groups:
+        rec: dict = {"row": row, "n": len(g)}
+        for m in metrics:
+            v = pd.to_numeric(g[m], errors="coerce").dropna().to_numpy(float) if m in g else np.array([])
+            n = len(v)
+            mean = float(v.mean()) if n else math.nan
+            std = float(v.std(ddof=1)) if n > 1 else math.nan
+            half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+            rec.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_lo": mean - half, f"{m}_hi": mean + half})
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None) -> pd.DataFrame | None:
+    """Every pair of rows with two or more seeds: `diff` = mean(a) - mean(b) of `metric`, its Welch 95%
+    interval `lo`, `hi`, and `resolved` (the interval excludes 0). Pairs with `first` (e.g. the semantic
+    prior) come first."""
+    if "row" not in table or metric not in table:
+        return None
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    vals = {r: pd.to_numeric(g[metric], errors="coerce").dropna().to_numpy(float)
+            for r, g in ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)}
+    vals = {r: v for r, v in vals.items() if len(v) >= 2}
+    names = list(vals)
+    if first in names:
+        names.remove(first)
+        names.insert(0, first)
+    records = []
+    for a, b in itertools.combinations(names, 2):
+        x, y = vals[a], vals[b]
+        va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+        se = math.sqrt(va + vb)
+        dof = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if se > 0 else len(x) + len(y) - 2
+        half = t_quantile(dof) * se
+        diff = float(x.mean() - y.mean())
+        better = a if (diff < 0) == LOWER_IS_BETTER.get(metric, True) else b
+        resolved = bool(diff - half > 0 or diff + half < 0)
+        records.append({"a": a, "b": b, f"{metric}_a": float(x.mean()), f"{metric}_b": float(y.mean()), "diff": diff,
+                        "lo": diff - half, "hi": diff + half, "resolved": resolved,
+                        "better": better if resolved else "-"})
+    return pd.DataFrame.from_records(records) if records else None
+
+
+def display_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rfid", "psnr", "gfid", "is")) -> pd.DataFrame:
+    """`mean +- std [lo, hi]` strings per metric, one line per row: the table the README shows."""
+    out = pd.DataFrame({"row": summary["row"], "seeds": summary["n"]})
+    for m in metrics:
+        if f"{m}_mean" in summary:
+            out[m] = [f"{r[f'{m}_mean']:.3g} ± {r[f'{m}_std']:.2g} [{r[f'{m}_lo']:.3g}, {r[f'{m}_hi']:.3g}]"
+                      for _, r in summary.iterrows()]
+    return out
+
+
+__all__ = ["base_row", "display_summary", "pairwise", "seed_summary"]
