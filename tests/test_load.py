@@ -70,11 +70,10 @@ def tiny_row(config: dict) -> None:
     from ray import tune
 
     from dmvae_study.config import ExperimentConfig
-    from dmvae_study.configlib import apply_overrides
     t0 = time.time()
-    cfg = apply_overrides(ExperimentConfig.from_dict(config["experiment"]), config["row_overrides"][config["row"]])
-    tune.report({"row": config["row"], "seed": cfg.run.seed, "wall_s": time.time() - t0,
-                 "trial_rss_mib": _rss_mib(os.getpid())})
+    cfg = ExperimentConfig.from_dict(config["rows"][config["row"]])
+    tune.report({"row": config["row"], "seed": cfg.run.seed, "wall_s": time.time() - t0, "status": "ok",
+                 "trial_rss_mib": _rss_mib(os.getpid()), "row_done": 1})
 
 
 @pytest.mark.slow
@@ -83,25 +82,32 @@ def tiny_row(config: dict) -> None:
 def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, record_property):
     import ray
 
+    import argparse
+
     import studies.common as common
     from dmvae_study.config import preset
+    from dmvae_study.pipeline import resolve
+    from studies import resources
     ray_tmp = tempfile.mkdtemp(prefix="ray-load-", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     monkeypatch.setattr(common, "row_trial", tiny_row)
     cfg = preset("smoke", [f"run.out_dir={tmp_path}", "run.name=load", "run.cpus_per_worker=0.25",
-                           "run.max_failures=0"])
-    rows = {f"seed{i:02d}": {"run.seed": i} for i in range(TRIALS)}
+                           "run.threads=1", "run.max_failures=0"])  # threads set: the 0.25 CPU per trial is kept
+    rows = {f"seed{i:02d}": resolve(cfg.replace(run=cfg.run.replace(seed=i)), "gaussian") for i in range(TRIALS)}
+    args = argparse.Namespace(restart=False, mlflow=None, wandb=None, address=None)
+    study = common.Study("load", tmp_path / "load", cfg, rows, args)
     sampler = MemorySampler()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sampler.start()
     t0 = time.time()
     try:
-        df = common.run_tune(cfg, rows, None)
+        common.init_ray(None)
+        df = common.run_tune(study)
         wall = time.time() - t0
         node = ray._private.worker.global_worker.node
         webui = node.address_info.get("webui_url")
-        concurrency = common.max_concurrency(cfg)
+        concurrency = resources.max_concurrency(cfg, TRIALS, multinode=False)
     finally:
         sampler.stop.set()
         sampler.join()

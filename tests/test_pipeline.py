@@ -106,7 +106,7 @@ def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
         res = run_pipeline(cfg)
     finally:
         ray.shutdown()
-    assert set(res) == {"tokenizer", "reference", "teacher", "dmd", "refine", "generator", "eval"}
+    assert set(res) == {"tokenizer", "reference", "teacher", "dmd", "refine", "latents", "generator", "eval"}
     ev = res["eval"]
     assert ev["random_init"] is True  # dinov2 without staged weights: labelled
     assert 0 < ev["psnr"] < 60 and ev["gfid_lite0"] > 0 and ev["rfid_lite0"] >= 0

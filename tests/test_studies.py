@@ -56,5 +56,6 @@ def test_ablations_two_axes(tmp_path):
     run(["studies/ablations.py", "--preset", "smoke", "--out", str(tmp_path), "--axis", "dm_weight",
          "--axis", "timestep_schedule"], tmp_path)
     df = pd.read_csv(tmp_path / "ablations-smoke" / "ablations.csv")
-    assert list(df["row"]) == ["default", "dm_weight=1.0", "dm_weight=100.0", "timestep_schedule=anneal"]
+    assert list(df["row"]) == ["default", "dm_weight=1.0", "dm_weight=20.0", "dm_weight=100.0",
+                               "timestep_schedule=anneal"]  # Table 2: 1, 20, 100 around the default 10
     assert df["gfid"].notna().all()
