@@ -13,16 +13,20 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from dmvae_study import metrics
 from dmvae_study.build import build_dit, for_inference, load_tokenizer
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import balanced_subset, build_dataset, dataset_targets
+from dmvae_study.loaders import hash_seed
 from dmvae_study.pipeline import LaunchOptions, artifact, final_tokenizer, is_baseline, store_of
 from dmvae_study.samplers import Sampler
-from dmvae_study.store import ArtifactDir, load_torch, save_torch
+from dmvae_study.store import ArtifactDir, atomic_write_text, load_torch
 from trainers.common import StageContext, run_stage
+from trainers.latents import all_gather, encode_shards, gather_to_main, shard_index
 
 
 class Features:
@@ -45,52 +49,79 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=nrow)
 
 
-def _batches(ds, indices: list[int], bs: int):
-    for start in range(0, len(indices), bs):
-        items = [ds[i] for i in indices[start:start + bs]]
-        yield torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+def _batches(n: int, bs: int, rank: int = 0, world: int = 1) -> list[tuple[int, range]]:
+    """`(b, positions)` of the batches `b = rank, rank + world, ...` of `range(n)` cut into batches of `bs`:
+    the batches do not depend on the number of ranks, only who computes them does."""
+    return [(b, range(s, min(s + bs, n))) for b, s in enumerate(range(0, n, bs)) if b % world == rank]
+
+
+def _loader(cfg: ExperimentConfig, ds, batches: list[tuple[int, range]], indices: list[int] | None = None):
+    """`(img (b, C, H, W), y (b,))` of each batch (dataset items `indices[p]`, default `p`), read by
+    `data.num_workers` DataLoader processes."""
+    pick = (lambda p: p) if indices is None else indices.__getitem__
+    return DataLoader(ds, batch_sampler=[[pick(p) for p in r] for _, r in batches],
+                      num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
+
+
+def _merge(ctx: StageContext, parts: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-batch results `{b: {key: tensor or value}}` of every rank, on the main rank, in batch order:
+    tensors concatenated, other values listed (so sums over them run in the one-rank order). None off main."""
+    gathered = gather_to_main(ctx, parts)
+    if gathered is None:
+        return None
+    merged = {b: p for part in gathered for b, p in part.items()}
+    rows = [merged[b] for b in sorted(merged)]
+    keys = rows[0].keys() if rows else []
+    return {k: torch.cat([r[k] for r in rows]) if torch.is_tensor(rows[0][k]) else [r[k] for r in rows] for k in keys}
 
 
 @torch.no_grad()
 def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
+    """Every rank reconstructs and samples its share of the batches (`_batches`) and extracts their features;
+    the main rank gathers them in batch order and computes the metrics, so N ranks give the numbers of one."""
     cfg = ctx.cfg
+    ev, dev = cfg.eval, ctx.device
+    tok = for_inference(load_tokenizer(artifact(cfg, final_tokenizer(cfg)), dev))
+    ext = Features(ev.extractor, cfg, dev)
+    tag = ext.name
+    # Reconstruction: PSNR and rFID on held-out images.
+    val = build_dataset(cfg.data, "val")
+    batches = _batches(min(ev.rfid_images, len(val)), ev.batch_size, ctx.rank, ctx.world)
+    parts: dict[int, dict[str, Any]] = {}
+    for (b, _), (img, _) in zip(batches, _loader(cfg, val, batches)):
+        img = img.to(dev)
+        with ctx.autocast():
+            rec = tok.decode(tok.encode(img)).float().clamp(-1, 1)
+        parts[b] = {"psnr_sum": float(metrics.psnr(rec, img, data_range=2.0)) * img.shape[0],
+                    "real": ext.features(img).cpu(), "rec": ext.features(rec).cpu()}
+        if b == 0:
+            k = min(ev.grid_images, img.shape[0])
+            save_grid(torch.cat([img[:k], rec[:k]]).cpu(), art.file("reconstructions.png"))
+    recon = _merge(ctx, parts)
+    # Generation: samples of the stage-2 DiT, decoded, against training-set statistics.
+    shape = tuple(artifact(cfg, "latents").summary()["shape"])
+    net = build_dit(cfg.generator, shape, cfg.data.num_classes).to(dev).eval()
+    net.load_state_dict(load_torch(artifact(cfg, "generator").file("generator.pt")))
+    gen = generate(cfg, ctx, net, tok, ext, ev.gfid_samples, shape, shared=True)
+    ref_f = reference_features(cfg, ext, ctx)
     if ctx.is_main:
-        ev, dev = cfg.eval, ctx.device
-        tok = for_inference(load_tokenizer(artifact(cfg, final_tokenizer(cfg)), dev))
-        ext = Features(ev.extractor, cfg, dev)
-        tag = ext.name
         summary: dict[str, Any] = {}
-        # Reconstruction: PSNR and rFID on held-out images.
-        val = build_dataset(cfg.data, "val")
-        real_f, rec_f, psnr_sum = [], [], 0.0
-        for i, (img, _) in enumerate(_batches(val, list(range(min(ev.rfid_images, len(val)))), ev.batch_size)):
-            img = img.to(dev)
-            with ctx.autocast():
-                rec = tok.decode(tok.encode(img)).float().clamp(-1, 1)
-            psnr_sum += float(metrics.psnr(rec, img, data_range=2.0)) * img.shape[0]
-            real_f.append(ext.features(img).cpu())
-            rec_f.append(ext.features(rec).cpu())
-            if i == 0:
-                k = min(ev.grid_images, img.shape[0])
-                save_grid(torch.cat([img[:k], rec[:k]]).cpu(), art.file("reconstructions.png"))
-        summary["psnr"] = psnr_sum / sum(f.shape[0] for f in real_f)
-        summary[f"rfid_{tag}"] = metrics.fid_from_features(torch.cat(real_f), torch.cat(rec_f))
-        # Generation: samples of the stage-2 DiT, decoded, against training-set statistics.
-        shape = tuple(artifact(cfg, "latents").summary()["shape"])
-        net = build_dit(cfg.generator, shape, cfg.data.num_classes).to(dev).eval()
-        net.load_state_dict(load_torch(artifact(cfg, "generator").file("generator.pt")))
-        gen = generate(cfg, ctx, net, tok, ext, ev.gfid_samples, shape)
+        psnr_sum = 0.0
+        for v in recon["psnr_sum"]:  # batch order, as one rank sums
+            psnr_sum += v
+        summary["psnr"] = psnr_sum / recon["real"].shape[0]
+        summary[f"rfid_{tag}"] = metrics.fid_from_features(recon["real"], recon["rec"])
         save_grid(gen["images"], art.file("samples.png"))
-        ref_f = reference_features(cfg, ext)
         summary[f"gfid_{tag}"] = metrics.fid_from_features(ref_f, gen["features"])
         summary.update({"gfid_samples": int(gen["features"].shape[0]), "gfid_ref_images": int(ref_f.shape[0]),
                         f"is_{tag}": metrics.inception_score(probs=gen["probs"])[0],
                         f"diversity_{tag}": _diversity(gen["features"], gen["labels"]),
                         "latent_diversity": _diversity(gen["latents"], gen["labels"]),
                         "extractor": tag, "extractor_weights": ext.weights_source,
-                        "random_init": bool(ext.weights_source == "random-init" or tok_random(cfg))})
+                        "random_init": bool(ext.weights_source == "random-init" or tok_random(cfg)),
+                        "world": ctx.world})
         art.mark_done(summary)
-    ctx.barrier()
+    ctx.barrier()  # the others wait only for the metrics of gathered features (seconds)
     return art.summary()
 
 
@@ -107,48 +138,60 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok: torch.nn.Module, ext: Features,
-             n: int, shape: tuple[int, ...], seed_offset: int = 4242) -> dict[str, torch.Tensor]:
+             n: int, shape: tuple[int, ...], seed_offset: int = 4242, shared: bool = False) -> dict[str, torch.Tensor] | None:
     """`n` class-conditional samples (class-balanced labels) with the configured sampler, decoded; returns
-    their features, class probabilities, labels, flattened latents and the first grid of images."""
+    their features `(n, D)`, class probabilities `(n, K)`, labels `(n,)`, flattened latents `(n, C*h*w)` and
+    the first grid of images. Batch b (samples `b * B ...`, B = `eval.batch_size`) draws its noise and the
+    sampler's noise from its own generator seeded by (seed, seed_offset, b), so the samples do not depend on
+    who computes them. `shared`: every rank of `ctx` calls this and computes its share of the batches; the
+    main rank gets all samples, the others None. Else this process computes all `n` alone."""
     ev, dev = cfg.eval, ctx.device
+    rank, world = (ctx.rank, ctx.world) if shared else (0, 1)
     sampler = Sampler(kind=ev.sampler, steps=ev.sampler_steps, cfg_scale=ev.cfg_scale)
-    g = torch.Generator().manual_seed(cfg.run.seed + seed_offset)
     labels = balanced_labels(n, cfg.data.num_classes)
-    out: dict[str, list] = {"features": [], "probs": [], "labels": [], "latents": []}
+    parts: dict[int, dict[str, torch.Tensor]] = {}
     grid = None
     from tqdm.auto import tqdm
-    for start in tqdm(range(0, n, ev.batch_size), desc=f"{ctx.stage}: {n} samples", leave=False,
-                      disable=os.environ.get("DMVAE_NO_PROGRESS") == "1" or not ctx.is_main or ctx.opts.ray):
-        y = labels[start:start + ev.batch_size]
+    for b, r in tqdm(_batches(n, ev.batch_size, rank, world), desc=f"{ctx.stage}: {n} samples", leave=False,
+                     disable=os.environ.get("DMVAE_NO_PROGRESS") == "1" or not ctx.is_main or ctx.opts.ray):
+        g = torch.Generator().manual_seed(hash_seed(cfg.run.seed, "samples", seed_offset, b))
+        y = labels[r.start:r.stop]
         noise = torch.randn((len(y), *shape), generator=g)
         with ctx.autocast():
             z = sampler(net, noise.to(dev), y.to(dev), generator=g).float()
             img = tok.decode(tok.denormalize(z)).float().clamp(-1, 1)
         feats, probs = ext.features_and_probs(img)
-        out["features"].append(feats.cpu())
-        out["probs"].append(probs.cpu())
-        out["labels"].append(y)
-        out["latents"].append(z.flatten(1).cpu())
-        grid = img[: ev.grid_images].cpu() if grid is None else grid
-    return {**{k: torch.cat(v) for k, v in out.items()}, "images": grid}
+        parts[b] = {"features": feats.cpu(), "probs": probs.cpu(), "labels": y, "latents": z.flatten(1).cpu()}
+        grid = img[: ev.grid_images].cpu() if b == 0 else grid
+    out = _merge(ctx, parts) if shared else _merge(StageContext(cfg=cfg, stage=ctx.stage), parts)
+    return None if out is None else {**out, "images": grid}
 
 
-def reference_features(cfg: ExperimentConfig, ext: Features) -> torch.Tensor:
-    """gFID's reference side: features of every training image, or of a class-balanced random subset of
-    `eval.gfid_ref_images` (never the first N of a class-sorted folder), cached once per dataset and
-    extractor in the study's store: every row of a study shares them."""
+def reference_features(cfg: ExperimentConfig, ext: Features, ctx: StageContext | None = None) -> torch.Tensor | None:
+    """gFID's reference side `(N, D)`: features of every training image, or of a class-balanced random subset
+    of `eval.gfid_ref_images` (never the first N of a class-sorted folder), cached once per dataset and
+    extractor in the study's store: every row of a study shares them. With `ctx`, every rank of it calls
+    this and extracts its share of the images (`encode_shards`: resumable shards); the main rank gets the
+    features, the others None. Without, this process does all of it."""
+    ctx = ctx or StageContext(cfg=cfg, stage="eval", device=ext.device)
     n = cfg.eval.gfid_ref_images
     art = store_of(cfg).artifact("fid_ref", {"data": cfg.data.to_dict(), "extractor": ext.name, "n": n,
                                              "seed": cfg.run.seed, "rule": "balanced"})
-    if art.done:
-        return load_torch(art.file("features.pt"))
-    train = build_dataset(cfg.data, "train", hflip=False)
-    idx = list(range(len(train))) if n is None or n >= len(train) else \
-        balanced_subset(dataset_targets(train), n, seed=cfg.run.seed)
-    feats = torch.cat([ext.features(img).cpu() for img, _ in _batches(train, idx, cfg.eval.batch_size)])
-    save_torch(art.file("features.pt"), feats)
-    art.mark_done({"count": int(feats.shape[0]), "extractor": ext.name, "indices_head": idx[:8]})
-    return feats
+    # One decision for all ranks (another row may finish the same artifact meanwhile).
+    if not all(all_gather(ctx, art.done)):
+        train = build_dataset(cfg.data, "train", hflip=False)
+        idx = list(range(len(train))) if n is None or n >= len(train) else \
+            balanced_subset(dataset_targets(train), n, seed=cfg.run.seed)
+        paths = encode_shards(ctx, art, train, idx, cfg.eval.batch_size, lambda img, y: (ext.features(img), y),
+                              prefix="features", half=False, source=f"{ext.name}:{ext.weights_source}")
+        if ctx.is_main:
+            shards, _ = shard_index(paths)
+            atomic_write_text(art.file("index.json"), json.dumps({"count": len(idx), "shards": shards}, indent=1))
+            art.mark_done({"count": len(idx), "extractor": ext.name, "indices_head": idx[:8]})
+    if not ctx.is_main:
+        return None
+    shards = json.loads(art.file("index.json").read_text())["shards"]
+    return torch.cat([torch.from_numpy(np.load(art.file(s["file"]))) for s in shards])
 
 
 def tok_random(cfg: ExperimentConfig) -> bool:
