@@ -63,10 +63,10 @@ def _loader(cfg: ExperimentConfig, ds, batches: list[tuple[int, range]], indices
                       num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
 
 
-def _merge(ctx: StageContext, parts: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """Per-batch results `{b: {key: tensor or value}}` of every rank, on the main rank, in batch order:
-    tensors concatenated, other values listed (so sums over them run in the one-rank order). None off main."""
-    gathered = gather_to_main(ctx, parts)
+def _in_batch_order(gathered: list[dict[int, dict[str, Any]]] | None) -> dict[str, Any] | None:
+    """Per-batch results `{b: {key: tensor or value}}` of every rank (`gather_to_main`) as one dict in batch
+    order: tensors concatenated, other values listed (sums over them then run in the one-rank order).
+    None (off the main rank) stays None."""
     if gathered is None:
         return None
     merged = {b: p for part in gathered for b, p in part.items()}
@@ -97,7 +97,7 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
         if b == 0:
             k = min(ev.grid_images, img.shape[0])
             save_grid(torch.cat([img[:k], rec[:k]]).cpu(), art.file("reconstructions.png"))
-    recon = _merge(ctx, parts)
+    recon = _in_batch_order(gather_to_main(ctx, parts))
     # Generation: samples of the stage-2 DiT, decoded, against training-set statistics.
     shape = tuple(artifact(cfg, "latents").summary()["shape"])
     net = build_dit(cfg.generator, shape, cfg.data.num_classes).to(dev).eval()
@@ -163,7 +163,7 @@ def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok
         feats, probs = ext.features_and_probs(img)
         parts[b] = {"features": feats.cpu(), "probs": probs.cpu(), "labels": y, "latents": z.flatten(1).cpu()}
         grid = img[: ev.grid_images].cpu() if b == 0 else grid
-    out = _merge(ctx, parts) if shared else _merge(StageContext(cfg=cfg, stage=ctx.stage), parts)
+    out = _in_batch_order(gather_to_main(ctx, parts) if shared else [parts])
     return None if out is None else {**out, "images": grid}
 
 
@@ -190,6 +190,8 @@ def reference_features(cfg: ExperimentConfig, ext: Features, ctx: StageContext |
             art.mark_done({"count": len(idx), "extractor": ext.name, "indices_head": idx[:8]})
     if not ctx.is_main:
         return None
+    if not art.file("index.json").exists():  # cached by the one-process version of this stage
+        return load_torch(art.file("features.pt"))
     shards = json.loads(art.file("index.json").read_text())["shards"]
     return torch.cat([torch.from_numpy(np.load(art.file(s["file"]))) for s in shards])
 

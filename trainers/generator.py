@@ -19,7 +19,9 @@ from trainers.latents import load_latents
 
 def gfid_curve(ctx: StageContext, shape: tuple[int, ...]):
     """Callback for Fig. 8: every `generator.eval_every` steps, gFID of the current EMA net on
-    min(eval.gfid_samples, generator.curve_samples) samples (logged as `eval/gfid_curve`; main rank only)."""
+    min(eval.gfid_samples, generator.curve_samples) samples (logged as `eval/gfid_curve` by the main rank).
+    Every rank calls it at the same steps (`loop_tail`) and samples its share of the batches; the first call
+    also shares the extraction of the gFID reference, so no rank idles in a collective meanwhile."""
     cfg = ctx.cfg
     every = cfg.generator.eval_every
     if every <= 0:
@@ -28,14 +30,17 @@ def gfid_curve(ctx: StageContext, shape: tuple[int, ...]):
     state: dict = {}
 
     def on_log(step: int, ema: torch.nn.Module) -> dict:
-        if step % every or not ctx.is_main:
+        if step % every:
             return {}
         if not state:
             state["tok"] = load_tokenizer(artifact(cfg, final_tokenizer(cfg)), ctx.device)
             state["ext"] = evaluate.Features(cfg.eval.extractor, cfg, ctx.device)
-            state["ref"] = evaluate.reference_features(cfg, state["ext"])
+            state["ref"] = evaluate.reference_features(cfg, state["ext"], ctx)
         n = min(cfg.eval.gfid_samples, cfg.generator.curve_samples)
-        gen = evaluate.generate(cfg, ctx, ema.eval(), state["tok"], state["ext"], n, shape, seed_offset=step)
+        gen = evaluate.generate(cfg, ctx, ema.eval(), state["tok"], state["ext"], n, shape, seed_offset=step,
+                                shared=True)
+        if not ctx.is_main:
+            return {}
         return {"eval/gfid_curve": fid_from_features(state["ref"], gen["features"]), "eval/gfid_curve_n": n}
     return on_log
 

@@ -62,9 +62,9 @@ def gather_to_main(ctx: StageContext, obj: Any) -> list[Any] | None:
 
 # ---- sharded, resumable encoding -------------------------------------------------------------------
 
-def shard_plan(n: int, batch_size: int, shard_images: int = LATENT_SHARD) -> list[range]:
-    """Positions `[0, n)` cut into shards of `shard_images` rounded up to whole batches."""
-    size = math.ceil(shard_images / batch_size) * batch_size
+def shard_plan(n: int, batch_size: int, shard_images: int | None = None) -> list[range]:
+    """Positions `[0, n)` cut into shards of `shard_images` (default `LATENT_SHARD`) rounded up to whole batches."""
+    size = math.ceil((shard_images or LATENT_SHARD) / batch_size) * batch_size
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
