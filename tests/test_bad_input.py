@@ -333,3 +333,20 @@ def test_bad_input(row: Row, tmp_path, monkeypatch, capsys):
         _raised_in_platform(excinfo)
     missing = [s for s in row.says if s not in message]
     assert not missing, f"message lacks {missing}:\n{message}"
+
+
+@pytest.mark.parametrize("setting", ["dmd.batch_size=-4", "eval.gfid_samples=0", "data.dataset=cifar",
+                                     "dmd.dm_weight=nan", "run.seed=-1"])
+def test_a_single_invalid_set_exits_within_seconds_without_ray(setting, tmp_path):
+    """A researcher's typo costs seconds: exit code 2, one line, no traceback, no Ray process (its temp dir is
+    never created), well within 10 s of wall time (Python and torch start-up included)."""
+    import time
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "studies/table1.py", "--set", setting, "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and setting.split("=")[0] in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
+    assert elapsed < 10, f"{elapsed:.1f} s"

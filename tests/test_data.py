@@ -247,3 +247,32 @@ def test_flips_are_redrawn_every_epoch_through_the_loader():
     assert all(torch.equal(a, b) for a, b in zip(imgs, workers))
     resumed = [b[0] for b in step_loader(ds, batches, 3, 6)]
     assert all(torch.equal(a, b) for a, b in zip(imgs[3:], resumed))
+
+
+def _index_builds(root: str) -> int:
+    from dmvae_study.data import folder
+    ds = D.build_dataset("folder", root=root, resolution=8)
+    assert len(ds) == 6
+    return folder.INDEX_BUILDS[0]
+
+
+def test_folder_index_is_built_once_across_stages_and_ranks(tmp_path):
+    """The first stage walks the folder and caches its index (keyed by the folder, classes and their
+    modification times); later stages and other ranks (processes) read it; adding an image rebuilds it."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from dmvae_study.data import folder
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    before = folder.INDEX_BUILDS[0]
+    assert _index_builds(str(tmp_path)) == before + 1   # stage 1 walks the folder
+    assert _index_builds(str(tmp_path)) == before + 1   # stage 2 reads the cached index
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:  # two more ranks
+        assert list(ex.map(_index_builds, [str(tmp_path)] * 2)) == [0, 0]
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "new.png")
+    ds = D.build_dataset("folder", root=str(tmp_path), resolution=8)
+    assert len(ds) == 7 and folder.INDEX_BUILDS[0] == before + 2  # a changed folder is walked again
