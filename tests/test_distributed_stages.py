@@ -38,7 +38,8 @@ def _stage(name, cfg_dict, shard_images=SHARD_IMAGES):
     """One stage in this process (or a spawned worker) with the test's shard size."""
     torch.set_num_threads(1)
     latents.LATENT_SHARD = shard_images
-    {"latents": latents, "generator": generator, "eval": evaluate}[name].train_loop(ExperimentConfig.from_dict(cfg_dict))
+    stage = {"latents": latents, "generator": generator, "eval": evaluate}[name]
+    stage.train_loop(ExperimentConfig.from_dict(cfg_dict))
 
 
 def _copy(row, out, stages, **run):
@@ -155,7 +156,7 @@ def test_generate_seeds_each_batch(row):
     ext = evaluate.Features(ev.extractor, cfg, torch.device("cpu"))
     full = evaluate.generate(cfg, StageContext(cfg=cfg, stage="eval"), net, tok, ext, 70, shape)
     assert full["features"].shape == (70, 1280) and torch.equal(full["labels"], evaluate.balanced_labels(70, 10))
-    assert [b for b, _ in evaluate._batches(70, 32, 0, 2)] == [0, 2] and [b for b, _ in evaluate._batches(70, 32, 1, 2)] == [1]
+    assert [[b for b, _ in evaluate._batches(70, 32, r, 2)] for r in (0, 1)] == [[0, 2], [1]]
     g = torch.Generator().manual_seed(evaluate.hash_seed(cfg.run.seed, "samples", 4242, 1))
     y = evaluate.balanced_labels(70, 10)[32:64]
     with torch.no_grad():
@@ -180,4 +181,4 @@ def test_gfid_curve_on_two_workers(row, tmp_path):
         curves.append([(m["step"], m["eval/gfid_curve"]) for m in lines if "eval/gfid_curve" in m])
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == [2, 4]
     for (_, a), (_, b) in zip(*curves):
-        assert b == pytest.approx(a, rel=1e-3)
+        assert b == pytest.approx(a, rel=1e-4)  # measured: 2e-6

@@ -66,7 +66,8 @@ def test_report_from_the_readme_command(finished):
     report = finished / "results" / "table1-smoke" / "report"
     assert (report / "report.md").exists() and (report / "report.html").exists()
     pngs = {p.name for p in report.rglob("*.png")}
-    assert {"curves_tokenizer.png", "curves_dmd.png", "curves_generator.png"} <= pngs, pngs
+    assert {"curves_tokenizer.png", "curves_dmd.png", "curves_generator.png", "fig4_tsne.png"} <= pngs, pngs
+    assert "no latent cache" not in (report / "report.md").read_text()
 
 
 def test_tensorboard_sees_every_stage(finished):

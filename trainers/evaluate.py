@@ -5,7 +5,13 @@ it, on features and on latents (exposes mode collapse); reconstruction and sampl
 Every FID-type figure is named by its feature extractor (`rfid_lite0`, `gfid_inception`, ...) and
 computed through `metrics.batch_features` (clean-fid's resize), the path the metric tests check.
 The gFID reference is every training image, or a class-balanced random subset (`eval.gfid_ref_images`),
-cached once per dataset and extractor; random-init weights are flagged in the summary."""
+cached once per dataset and extractor; random-init weights are flagged in the summary.
+
+Every rank works: the validation images, the samples and the reference images are cut into batches of
+`eval.batch_size` that do not depend on the number of ranks, rank r takes batches r, r + N, ...; each sample
+batch draws its noise from a generator seeded by its index; the main rank gathers the per-batch results and
+reduces them in batch order. N ranks therefore give the metrics of one, bit for bit
+(tests/test_distributed_stages.py), and no rank waits at a barrier for more than the metric arithmetic."""
 
 from __future__ import annotations
 
@@ -55,11 +61,9 @@ def _batches(n: int, bs: int, rank: int = 0, world: int = 1) -> list[tuple[int, 
     return [(b, range(s, min(s + bs, n))) for b, s in enumerate(range(0, n, bs)) if b % world == rank]
 
 
-def _loader(cfg: ExperimentConfig, ds, batches: list[tuple[int, range]], indices: list[int] | None = None):
-    """`(img (b, C, H, W), y (b,))` of each batch (dataset items `indices[p]`, default `p`), read by
-    `data.num_workers` DataLoader processes."""
-    pick = (lambda p: p) if indices is None else indices.__getitem__
-    return DataLoader(ds, batch_sampler=[[pick(p) for p in r] for _, r in batches],
+def _loader(cfg: ExperimentConfig, ds, batches: list[tuple[int, range]]) -> DataLoader:
+    """`(img (b, C, H, W), y (b,))` of each of `batches` (dataset items), read by `data.num_workers` processes."""
+    return DataLoader(ds, batch_sampler=[list(r) for _, r in batches],
                       num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
 
 
@@ -138,7 +142,8 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(cfg: ExperimentConfig, ctx: StageContext, net: torch.nn.Module, tok: torch.nn.Module, ext: Features,
-             n: int, shape: tuple[int, ...], seed_offset: int = 4242, shared: bool = False) -> dict[str, torch.Tensor] | None:
+             n: int, shape: tuple[int, ...], seed_offset: int = 4242,
+             shared: bool = False) -> dict[str, torch.Tensor] | None:
     """`n` class-conditional samples (class-balanced labels) with the configured sampler, decoded; returns
     their features `(n, D)`, class probabilities `(n, K)`, labels `(n,)`, flattened latents `(n, C*h*w)` and
     the first grid of images. Batch b (samples `b * B ...`, B = `eval.batch_size`) draws its noise and the

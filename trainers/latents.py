@@ -33,11 +33,12 @@ from dmvae_study.config import ExperimentConfig
 from dmvae_study.data import build_dataset
 from dmvae_study.pipeline import LaunchOptions, input_artifact
 from dmvae_study.store import ArtifactDir, atomic_write_bytes, atomic_write_text, load_torch, save_torch, verify
+from dmvae_study.latent_cache import LatentCache  # noqa: F401 (read by generator / evaluate)
 from trainers.common import StageContext, run_stage
 
 log = logging.getLogger("dmvae_study")
 
-LATENT_SHARD = 4096  # images per shard (before rounding up to whole batches): ~130 MB of fp16 SD-VAE latents + flips
+LATENT_SHARD = 4096  # images per shard (before rounding up to whole batches): ~130 MB of fp16 32x16x16 latents + flips
 
 
 # ---- collectives (a 1-worker run needs no process group) -------------------------------------------
@@ -173,41 +174,6 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
         art.mark_done({"count": int(y.shape[0]), "shape": shape, "shards": len(shards)})
     ctx.barrier()  # the others wait only for the index
     return art.summary()
-
-
-class LatentCache:
-    """The finished cache as one read-only `(N, C, h, w)` array over its memory-mapped shards: `cache[idx]`
-    reads only the rows `idx` (a LongTensor, a list or a slice) into a tensor (float16 unless a shard is
-    float32), as `fit_flow_model` indexes its training set; nothing else is loaded."""
-
-    def __init__(self, art: ArtifactDir):
-        index = json.loads(art.file("index.json").read_text())
-        self.maps = [np.load(art.file(s["file"]), mmap_mode="r") for s in index["shards"]]
-        rows = [m.shape[0] for m in self.maps]
-        self.starts = torch.tensor([0, *np.cumsum(rows)[:-1].tolist()], dtype=torch.int64)
-        self.shape = torch.Size([sum(rows), *index["shape"]])
-        self.dtype = torch.float16 if all(m.dtype == np.float16 for m in self.maps) else torch.float32
-        if sum(rows) != index["count"]:
-            raise ValueError(f"latent cache {art.path}: shards hold {sum(rows)} rows, the index says {index['count']}")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx: int | torch.Tensor | Sequence[int] | slice) -> torch.Tensor:
-        if isinstance(idx, int):
-            return self[[idx]][0]
-        if isinstance(idx, slice):
-            idx = range(*idx.indices(len(self)))
-        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
-        idx = torch.where(idx < 0, idx + len(self), idx)
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise IndexError(f"latent index out of range for {len(self)} rows")
-        shard = torch.searchsorted(self.starts, idx, right=True) - 1
-        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
-        for s in shard.unique().tolist():
-            m = shard == s
-            out[m] = torch.from_numpy(np.asarray(self.maps[s][(idx[m] - self.starts[s]).numpy()])).to(self.dtype)
-        return out
 
 
 def load_latents(cfg: ExperimentConfig) -> tuple[LatentCache, torch.Tensor]:

@@ -50,8 +50,12 @@ def tsne_embed(x: torch.Tensor, seed: int = 0) -> np.ndarray:
 
 
 def _load_latents(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The stage-2 latent cache `{"z": (N, C, h, w), "y": (N,)}`. A paper-scale cache (tens of GB)
-    is memory-mapped rather than read whole to verify its checksum; only the subsample is touched."""
+    """The stage-2 latent cache: its sharded, memory-mapped form (`index.json`, `dmvae_study.latent_cache`),
+    or an older single `{"z", "y"}` file; only the subsample is read."""
+    if path.name == "index.json":
+        from dmvae_study.latent_cache import read_latents
+        from dmvae_study.store import ArtifactDir
+        return read_latents(ArtifactDir(path.parent))  # type: ignore[return-value]
     if path.stat().st_size > BIG_LATENTS_BYTES:
         d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     else:
@@ -115,7 +119,7 @@ def plot_tsne(study: Study, out: Path, max_points: int = 1000, seed: int = 0) ->
     cache: dict[Path, _Embedding] = {}  # ablation rows often share a reference set or a latent cache
 
     def latents(r: StudyRow) -> _Embedding | None:
-        p = r.artifact("latents", "latents.pt")
+        p = r.artifact("latents", "index.json") or r.artifact("latents", "latents.pt")
         if p is None:
             study.notes.append(f"t-SNE: row {r.name} has no latent cache (generator stage not run?).")
         elif p not in cache:
