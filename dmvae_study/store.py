@@ -59,12 +59,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, checksum: bool = True) -> Path:
     """Write `data` to `path` atomically (temp file, fsync, rename); add `<path>.sha256` if asked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared (cluster, CI artifacts)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -258,3 +258,25 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_random_init_flag_reads_text_and_ignores_missing() -> None:
     df = pd.DataFrame({"row": ["a", "b", "c", "d"], "random_init": [True, "False", None, "True"]})
     assert report.random_init_rows(df) == ["a", "d"]
+
+
+def test_manifest_records_win_over_a_stale_study_table(tmp_path: Path) -> None:
+    """An interrupted run can leave a table listing finished rows as failed; the rows' manifests hold their
+    records, and those are what the report shows (a row failed in the table with no record stays failed)."""
+    study = make_study(tmp_path, curves=False)
+    for row, gfid in (("vae", 82.5), ("dinov2", 65.5)):
+        path = study / "rows" / f"{row}.json"
+        m = json.loads(path.read_text())
+        m["record"] = {"row": row, "prior": row, "seed": 0, "rfid": 40.0, "psnr": 26.0, "gfid": gfid,
+                       "extractor": "lite0", "status": "ok"}
+        path.write_text(json.dumps(m))
+    stale = pd.DataFrame({"row": ["vae", "dinov2", "gaussian"], "prior": ["vae", "dinov2", "gaussian"],
+                          "status": ["failed"] * 3, "error": [None] * 3})
+    stale.to_csv(study / "table1.csv", index=False)
+    out = tmp_path / "rep"
+    assert report.main([str(study), "--out", str(out), "--max-points", "0"]) == 0
+    table = pd.read_csv(out / "table1.csv").set_index("row")
+    assert table.index.tolist() == ["vae", "dinov2", "gaussian"]
+    assert table.loc["vae", "gfid"] == pytest.approx(82.5) and table.loc["dinov2", "gfid"] == pytest.approx(65.5)
+    assert table.loc["gaussian", "status"] == "failed"
+    assert "holds 0 finished row(s)" in (out / "report.md").read_text()

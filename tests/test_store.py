@@ -60,3 +60,12 @@ def test_preflight_unwritable(tmp_path):
 def test_preflight_full_disk(tmp_path):
     with pytest.raises(OSError, match="MiB free"):
         preflight_writable(tmp_path, min_free_mb=10**12)
+
+
+def test_atomic_writes_follow_the_umask_not_mkstemp(tmp_path):
+    """Results are shared (a cluster's /shared, CI artifacts): files get 0666 & ~umask, as open() gives,
+    not mkstemp's 0600."""
+    from dmvae_study import store
+    p = atomic_write_bytes(tmp_path / "x.bin", b"hello")
+    assert p.stat().st_mode & 0o777 == 0o666 & ~store._UMASK
+    assert p.stat().st_mode & 0o777 == (tmp_path / "x.bin.sha256").stat().st_mode & 0o777

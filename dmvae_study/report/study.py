@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-STUDY_STEMS = ("table1", "ablations")  # the study tables `studies/*.py` write
+STUDY_STEMS = ("table1", "ablations", "frontier")  # the study tables `studies/*.py` write
 RESULT_COLUMNS = ("row", "prior", "seed", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
                   "diversity", "latent_diversity", "dm_weight", "cfg_scale", "timestep_schedule", "score_net_size",
                   "reduction", "stand_in", "wall_s", "gpu_hours", "random_init", "status")
@@ -115,15 +115,27 @@ def load_study(results_dir: str | Path) -> Study:
     rows = load_manifests(root)
     notes: list[str] = []
     csv = next((root / f"{s}.csv" for s in STUDY_STEMS if (root / f"{s}.csv").exists()), None)
-    records = [r.record for r in rows.values() if r.record]
-    if csv is not None and len(records) > len(pd.read_csv(csv)):
-        # a study run in parts (--seeds / --priors subsets, --merge): every part's row is in the manifests
-        stem = csv.stem
-        table = pd.DataFrame.from_records(sorted(records, key=lambda r: (str(r["row"]).split("-s")[0], r["row"])))
-        notes.append(f"The table merges {len(records)} row manifests (a study run in parts); {csv.name} holds the "
-                     f"last part only.")
-    elif csv is not None:
-        stem, table = csv.stem, pd.read_csv(csv)
+    written = pd.read_csv(csv) if csv is not None else None
+    records = {r.name: r.record for r in rows.values() if r.record}
+    if records:
+        # A finished row's manifest is the truth: the study table may hold only the last part of a study run
+        # in parts (--seeds / --priors subsets, --merge), or be stale from an interrupted run. The table's
+        # rows come first in its order; rows it lacks follow, grouped by row; its rows without a manifest
+        # record (failed in the last part) are kept as it wrote them.
+        stem = csv.stem if csv is not None else next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")
+        listed = [r for r in (written["row"] if written is not None else []) if r in records]
+        rest = sorted(set(records) - set(listed), key=lambda r: (r.split("-s")[0], r))
+        table = pd.DataFrame.from_records([records[r] for r in listed + rest])
+        if written is not None:
+            table = pd.concat([table, written[~written["row"].isin(records)]], ignore_index=True)
+            ok = set(written.loc[written.get("status", pd.Series("ok", index=written.index)) == "ok", "row"])
+            if ok != set(records):
+                notes.append(f"The table merges {len(records)} row manifests (a study run in parts, or resumed); "
+                             f"{csv.name} holds {len(ok)} finished row(s) of the last run only.")
+        else:
+            notes.append(f"No {'/'.join(f'{s}.csv' for s in STUDY_STEMS)} found: the table was rebuilt from rows/*.json.")
+    elif written is not None:
+        stem, table = csv.stem, written
     elif rows:
         stem = next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")
         ordered = sorted(rows.values(), key=lambda r: (not r.is_baseline, r.name))  # baselines first, as studies do
