@@ -280,3 +280,38 @@ def test_manifest_records_win_over_a_stale_study_table(tmp_path: Path) -> None:
     assert table.loc["vae", "gfid"] == pytest.approx(82.5) and table.loc["dinov2", "gfid"] == pytest.approx(65.5)
     assert table.loc["gaussian", "status"] == "failed"
     assert "holds 0 finished row(s)" in (out / "report.md").read_text()
+
+
+def test_seeded_rows_share_a_colour_and_fig8_draws_their_mean(tmp_path: Path) -> None:
+    """Rows `<row>-s<k>`: one colour per row in every figure, Fig. 8 the seeds' mean with a -+ sd band
+    (checked against a direct computation), and the t-SNE one seed per row."""
+    from matplotlib.figure import Figure
+
+    from dmvae_study.report.curves import _draw_seed_means, _seed_groups, row_styles, stage_curves
+    from dmvae_study.report.study import load_study
+    from dmvae_study.report.tsne import _one_seed_per_row
+    study_dir = make_study(tmp_path)
+    (study_dir / "table1.csv").unlink()
+    for row in ("vae", "dinov2"):  # seed 1 of two rows: a copy of seed 0's manifest with its own curve
+        m = json.loads((study_dir / "rows" / f"{row}.json").read_text())
+        art = _art(study_dir, "generator", f"{row}-s1")
+        _metrics(art, [{"stage": "generator", "step": s, "eval/gfid_curve": 100.0 + s} for s in (10, 20, 30, 40)])
+        m1 = {**m, "row": f"{row}-s1", "artifacts": {**m["artifacts"], "generator": str(art.path.relative_to(study_dir))}}
+        (study_dir / "rows" / f"{row}-s1.json").write_text(json.dumps(m1))
+        (study_dir / "rows" / f"{row}.json").rename(study_dir / "rows" / f"{row}-s0.json")
+        m0 = json.loads((study_dir / "rows" / f"{row}-s0.json").read_text())
+        (study_dir / "rows" / f"{row}-s0.json").write_text(json.dumps({**m0, "row": f"{row}-s0"}))
+    study = load_study(study_dir)
+    styles = row_styles(study.ordered_rows())
+    assert styles["vae-s0"] == styles["vae-s1"] and styles["dinov2-s0"]["color"] == styles["dinov2-s1"]["color"]
+    assert styles["vae-s0"]["color"] != styles["dinov2-s0"]["color"]
+    assert [r.name for r in _one_seed_per_row(study)] == ["vae-s0", "dinov2-s0", "gaussian"]
+    groups = _seed_groups([c for c in stage_curves(study, "generator") if c.has("eval/gfid_curve")])
+    assert sorted(groups) == ["dinov2", "vae"] and all(len(g) == 2 for g in groups.values())
+    ax = Figure().add_subplot()
+    _draw_seed_means(ax, groups, "eval/gfid_curve")
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("vae"))
+    s0 = {s: 300.0 - 2 * s for s in (10, 20, 30, 40)}  # make_study's vae curve (row 0); seed 1's: 100 + s
+    assert list(line.get_xdata()) == [10, 20, 30, 40]
+    assert list(line.get_ydata()) == pytest.approx([(s0[s] + 100.0 + s) / 2 for s in (10, 20, 30, 40)])
+    assert line.get_label() == "vae (baseline): mean of 2 seeds"

@@ -113,7 +113,8 @@ def _figure_sections(study: Study, out: Path, max_points: int, seed: int) -> lis
     sections = []
     fig8, kind = plot_generator_curves(study, out)
     if fig8 is not None:
-        what = ("gFID of the stage-2 model during training, one line per row (baselines dashed); lower is better."
+        what = ("gFID of the stage-2 model during training, one line per row (baselines dashed; a row run with several "
+                "seeds: their mean, with a band of -+ one standard deviation); lower is better."
                 if kind == "gfid" else "No row logged a gFID curve (set `generator.eval_every > 0`): the "
                 "stage-2 flow-matching training loss per row instead.")
         image = Image(fig8.relative_to(out).as_posix(), "stage-2 convergence")
@@ -188,4 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} and {path.with_name('report.html').name}")
+    if (Path(args.results_dir) / "frontier.csv").exists():  # a frontier study: its trade-off and matched table too
+        from dmvae_study.report.frontier import build_frontier
+        print(f"wrote {build_frontier(args.results_dir, path.parent)}")
     return 0

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dmvae_study.report.stats import base_row
 from dmvae_study.report.study import Study, StudyRow
 from dmvae_study.store import atomic_write_bytes
 
@@ -84,10 +85,12 @@ class Curve:
 
 
 def row_styles(rows: Sequence[StudyRow]) -> dict[str, dict[str, Any]]:
-    """One colour per row, stable across figures; baselines dashed."""
+    """One colour per row (the seeds `<row>-s<k>` of a row share it), stable across figures; baselines dashed."""
     import matplotlib
-    cmap = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
-    return {r.name: {"color": cmap(i % cmap.N), "ls": "--" if r.is_baseline else "-"} for i, r in enumerate(rows)}
+    bases = list(dict.fromkeys(base_row(r.name) for r in rows))
+    cmap = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"]
+    return {r.name: {"color": cmap(bases.index(base_row(r.name)) % cmap.N), "ls": "--" if r.is_baseline else "-"}
+            for r in rows}
 
 
 def stage_curves(study: Study, stage: str) -> list[Curve]:
@@ -126,6 +129,30 @@ def _draw(ax: Any, curves: Sequence[Curve], key: str, log_y: bool | None = None)
     ax.grid(alpha=0.3)
 
 
+def _seed_groups(curves: Sequence[Curve]) -> dict[str, list[Curve]]:
+    """Curves by row, the seeds `<row>-s<k>` of a row together (in table order)."""
+    groups: dict[str, list[Curve]] = {}
+    for c in curves:
+        groups.setdefault(base_row(c.rows[0]), []).append(c)
+    return groups
+
+
+def _draw_seed_means(ax: Any, groups: dict[str, list[Curve]], key: str) -> None:
+    """Per row, the mean over its seeds at each step they all logged, with a band of -+ one standard
+    deviation (ddof 1) between seeds."""
+    for row, cs in groups.items():
+        d = pd.concat([c.log.set_index("step")[key].rename(i) for i, c in enumerate(cs)], axis=1).dropna()
+        mean = d.mean(axis=1)
+        sd = d.std(axis=1, ddof=1) if len(cs) > 1 else mean * 0
+        label = f"{row}{' (baseline)' if cs[0].baseline else ''}: mean of {len(cs)} seed{'s' * (len(cs) > 1)}"
+        ax.plot(mean.index, mean.values, marker="o", ms=3, lw=1.5, label=label, **cs[0].style)
+        if len(cs) > 1:
+            ax.fill_between(mean.index, (mean - sd).values, (mean + sd).values, color=cs[0].style["color"], alpha=0.18,
+                            lw=0)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+
+
 def plot_generator_curves(study: Study, out: Path) -> tuple[Path | None, str]:
     """Fig. 8: gFID of the stage-2 model against its training step, one line per row (or the
     flow-matching loss when no row logged `eval/gfid_curve`). Returns (png, "gfid" | "loss" | "none")."""
@@ -139,7 +166,11 @@ def plot_generator_curves(study: Study, out: Path) -> tuple[Path | None, str]:
             study.notes.append(f"No gFID curve logged for row(s) {', '.join(lacking)} (generator.eval_every = 0).")
         n = next((int(c.log["eval/gfid_curve_n"].dropna().iloc[-1]) for c in curves if c.has("eval/gfid_curve_n")),
                  None)
-        _draw(ax, curves, "eval/gfid_curve", log_y=False)
+        seeds = _seed_groups(curves)
+        if any(len(g) > 1 for g in seeds.values()):
+            _draw_seed_means(ax, seeds, "eval/gfid_curve")
+        else:
+            _draw(ax, curves, "eval/gfid_curve", log_y=False)
         ax.set(title=f"Stage-2 convergence (Fig. 8): gFID{f'-{n}' if n else ''} vs training step",
                ylabel=f"gFID ({study.extractor})")
         path, kind = out / "fig8_gfid_vs_step.png", "gfid"

@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from dmvae_study.report.curves import save_png
+from dmvae_study.report.stats import base_row
 from dmvae_study.report.study import Study, StudyRow
 from dmvae_study.store import load_torch
 
@@ -109,11 +110,22 @@ def _class_names(study: Study) -> Sequence[str] | None:
     return None
 
 
+def _one_seed_per_row(study: Study) -> list[StudyRow]:
+    """The first seed of each row (`<row>-s<k>`), in table order: the embedding shows the geometry of a
+    row's latent space, which a second seed repeats rather than adds to."""
+    shown: dict[str, StudyRow] = {}
+    for r in study.ordered_rows():
+        shown.setdefault(base_row(r.name), r)
+    if len(shown) < len(study.rows):
+        study.notes.append(f"t-SNE: one seed per row ({', '.join(r.name for r in shown.values())}).")
+    return list(shown.values())
+
+
 def plot_tsne(study: Study, out: Path, max_points: int = 1000, seed: int = 0) -> Path | None:
     """Fig. 4: per row, t-SNE of its stage-2 latents (left) next to its reference set (right; none
     for baselines), points coloured by class (GMM reference: by component)."""
     from dmvae_study.reference import ReferenceSet
-    rows = study.ordered_rows()
+    rows = _one_seed_per_row(study)
     if not rows:
         return None
     cache: dict[Path, _Embedding] = {}  # ablation rows often share a reference set or a latent cache
