@@ -112,9 +112,22 @@ def gpu_hours(flops: float) -> float:
     return flops / (H100_BF16_FLOPS * MFU) / 3600.0
 
 
+# One CPU core: the 1-thread fp32 matmul probe read 0.12-0.16 TFLOP/s here and the stages' steps reached
+# 8-47% of it (BENCHMARKS.md "This machine"); 0.14 TFLOP/s at an assumed 25%.
+CPU_CORE_FLOPS = 0.14e12 * 0.25
+
+
+def hours(flops: float, use_gpu: bool) -> float:
+    """Estimated H100-hours (`use_gpu`) or CPU core-hours of `flops`: the unit a `--budget` is given in."""
+    return gpu_hours(flops) if use_gpu else flops / CPU_CORE_FLOPS / 3600.0
+
+
 def dry_run_report(rows: dict[str, ExperimentConfig]) -> str:
-    """The plan of every row: stages, which artifacts are reused, steps, images and estimated H100-hours."""
+    """The plan of every row: stages, which artifacts are reused, steps, images and estimated H100-hours
+    (rows with `run.use_gpu`) or CPU core-hours (CPU presets)."""
     lines, total, seen = [], 0.0, set()
+    gpu = all(c.run.use_gpu for c in rows.values())
+    unit = "H100-h" if gpu else "core-h"
     for label, cfg in rows.items():
         lines.append(f"row {label} (prior {cfg.prior.name}, seed {cfg.run.seed}):")
         for stage in plan(cfg):
@@ -123,14 +136,19 @@ def dry_run_report(rows: dict[str, ExperimentConfig]) -> str:
             seen.add(art.path)
             c = stage_cost(cfg, stage)
             state = "reused (finished)" if art.done else ("shared with a row above" if shared else "to train")
-            h = 0.0 if art.done or shared else gpu_hours(c["flops"])
+            h = 0.0 if art.done or shared else hours(c["flops"], gpu)
             total += h
             lines.append(f"  {stage:10s} {state:24s} steps {c['steps']:>9,}  images {c['images']:>13,.0f}  "
-                         f"~{h:9.2f} H100-h   {art.path.name}")
-    lines.append(f"total to train: ~{total:.1f} H100-hours ({total / 8:.1f} h on 8 GPUs at perfect scaling); "
-                 f"FLOPs counted per network, time at an assumed {MFU:.0%} MFU of {H100_BF16_FLOPS / 1e12:.0f} "
-                 f"TFLOP/s bf16 (dmvae_study/cost.py)")
+                         f"~{h:9.2f} {unit}   {art.path.name}")
+    if gpu:
+        lines.append(f"total to train: ~{total:.1f} H100-hours ({total / 8:.1f} h on 8 GPUs at perfect scaling); "
+                     f"FLOPs counted per network, time at an assumed {MFU:.0%} MFU of {H100_BF16_FLOPS / 1e12:.0f} "
+                     f"TFLOP/s bf16 (dmvae_study/cost.py)")
+    else:
+        lines.append(f"total to train: ~{total:.1f} CPU core-hours; FLOPs counted per network, time at an assumed "
+                     f"{CPU_CORE_FLOPS / 1e9:.0f} GFLOP/s per core (dmvae_study/cost.py; a rough guide: measured "
+                     f"stage times are in BENCHMARKS.md)")
     return "\n".join(lines)
 
 
-__all__ = ["MFU", "dry_run_report", "gpu_hours", "stage_cost"]
+__all__ = ["CPU_CORE_FLOPS", "MFU", "dry_run_report", "gpu_hours", "hours", "stage_cost"]

@@ -136,8 +136,10 @@ def backbone_tokenizer_needs(backbone: Callable[[ExperimentConfig], str]):
         if cfg.prior.reduction != "tokenizer":
             return {}
         name = backbone(cfg)
+        # Another backbone: its own default feature layer (the row's `backbone_layer` names a layer of
+        # the row's backbone, e.g. Lite0's block10 in the mini preset, which ResNet-34 does not have).
         tok = cfg.tokenizer if cfg.tokenizer.backbone == name else cfg.tokenizer.replace(
-            backbone=name, freeze_backbone=True)
+            backbone=name, freeze_backbone=True, backbone_layer=None)
         return {"tokenizer": ("tokenizer", cfg.replace(tokenizer=tok))}
     return needs
 

@@ -238,7 +238,18 @@ def done_records(study: Study) -> dict[str, dict[str, Any]]:
             if blob.get("record") and Path(blob.get("artifacts", {}).get("eval", "")).name == \
                     artifact(cfg, "eval").path.name:
                 out[label] = blob["record"]
+                continue
+        stopped = stopped_record(study.root, label)  # a scheduler stopped it early: a result too (status stopped)
+        if stopped and Path(stopped.get("artifacts", {}).get("eval", "")).name == artifact(cfg, "eval").path.name:
+            out[label] = stopped["record"]
     return out
+
+
+def stopped_record(root: Path, label: str) -> dict[str, Any] | None:
+    """`rows/<label>.stopped.json`: written by a Tune scheduler that stopped the row early (the frontier
+    study's ASHA); shaped like a manifest (`row`, `record` with `status: stopped`, `artifacts`)."""
+    p = root / "rows" / f"{label}.stopped.json"
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def notice_baseline_keys(args: argparse.Namespace, rows: dict[str, ExperimentConfig]) -> None:
@@ -375,10 +386,12 @@ def run_shared_work(study: Study) -> None:
             run_pipeline(cfg, stages=[stage], force_ray=True, opts=LaunchOptions(row="shared"))
 
 
-def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
+def run_study(study: Study, stem: str, caption: str, scheduler: Any = None,
+              trainable: Callable[[dict[str, Any]], None] | None = None) -> pd.DataFrame:
     """Shared work, then one Tune trial per row (resuming an interrupted study), then the tables.
     Any failed row: the table still lists it (status failed), a summary names row, stage, error and
-    log, and the process exits non-zero."""
+    log, and the process exits non-zero. A row a `scheduler` stopped early is listed as `stopped`, not
+    failed. `trainable` replaces the row driver `row_trial` (tests)."""
     done = done_records(study)
     if done:
         print(f"note: {len(done)} row(s) already done (their manifests hold the same config): "
@@ -388,8 +401,9 @@ def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
     frames = [pd.DataFrame.from_records(list(done.values()))] if done else []
     if todo.rows:
         init_ray(study.args.address)
-        run_shared_work(todo)
-        frames.append(run_tune(todo))
+        if trainable is None:
+            run_shared_work(todo)
+        frames.append(run_tune(todo, scheduler=scheduler, trainable=trainable))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     order = [r for r in study.rows if r in set(df["row"])] if len(df) else []
     df = df.set_index("row").loc[order].reset_index() if len(df) else df
@@ -397,7 +411,7 @@ def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
     from dmvae_study.report.tables import markdown_table
     print(markdown_table(show))
     print(f"\nwrote {study.root}/{stem}.csv, .parquet, .md, .tex; report: python -m dmvae_study.report {study.root}")
-    failed = df[df["status"] != "ok"] if len(df) else df
+    failed = df[~df["status"].isin(["ok", "stopped"])] if len(df) else df
     if len(failed):
         print(f"\n{len(failed)} row(s) failed:", file=sys.stderr)
         for _, r in failed.iterrows():
@@ -407,8 +421,12 @@ def run_study(study: Study, stem: str, caption: str) -> pd.DataFrame:
     return df
 
 
-def run_tune(study: Study) -> pd.DataFrame:
-    """One Tune trial per row; the same command resumes an interrupted study (`Tuner.restore`)."""
+def run_tune(study: Study, scheduler: Any = None,
+             trainable: Callable[[dict[str, Any]], None] | None = None) -> pd.DataFrame:
+    """One Tune trial per row; the same command resumes an interrupted study (`Tuner.restore`).
+    `scheduler`: a Tune trial scheduler (the frontier study's per-prior ASHA; default FIFO); a row it
+    stopped leaves `rows/<row>.stopped.json` and is recorded as `stopped`. `trainable` replaces the row
+    driver `row_trial` (tests)."""
     from ray import tune
 
     from dmvae_study.store import config_digest
@@ -417,7 +435,7 @@ def run_tune(study: Study) -> pd.DataFrame:
     shared = share_cpus(study.rows, multinode)
     rows = {k: v.to_dict() for k, v in shared.items()}
     first = next(iter(shared.values()))
-    trainable = tune.with_resources(row_trial, resources.trial_resources(first, multinode))
+    trainable = tune.with_resources(trainable or row_trial, resources.trial_resources(first, multinode))
     # One Tune experiment per row set: rerunning the same command restores it; other rows or settings start
     # a new one (finished stages are still reused from the artifact store).
     path = study.root / f"tune-{config_digest({k: v.to_dict() for k, v in study.rows.items()}, 8)}"
@@ -430,7 +448,7 @@ def run_tune(study: Study) -> pd.DataFrame:
             trainable, param_space={"row": tune.grid_search(list(rows)), "rows": rows,
                                     "force_ray": not resources.in_process(first, multinode)},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=resources.max_concurrency(first, len(rows), multinode)),
+                max_concurrent_trials=resources.max_concurrency(first, len(rows), multinode), scheduler=scheduler),
             run_config=tune.RunConfig(name=path.name, storage_path=str(study.root), verbose=1,
                                       callbacks=tracking_callbacks(study.args),
                                       failure_config=tune.FailureConfig(max_failures=first.run.max_failures)))
@@ -438,6 +456,10 @@ def run_tune(study: Study) -> pd.DataFrame:
     records = []
     for r in grid:
         label = r.config.get("row")
+        stopped = stopped_record(study.root, label)
+        if stopped and not r.error and not r.metrics.get("row_done"):
+            records.append(stopped["record"])
+            continue
         if r.error or not r.metrics.get("row_done"):
             info = _failure(study.root, label)
             records.append({"row": label, "prior": study.rows[label].prior.name, "status": "failed",

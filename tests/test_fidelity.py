@@ -172,3 +172,18 @@ def test_table2_axes_and_ablation_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("total_steps: 250000") >= 4 and "total_steps: 300000" not in out.split("dmd:")[1][:400]
     assert math.isclose(resolve(preset("imagenet256"), "dinov2").dmd.total_steps, 300_000)
+
+
+def test_a_prior_backbone_tokenizer_uses_its_own_feature_layer():
+    """The mini preset's tokenizer reads Lite0's `block10`; the ResNet-34 prior's reference tokenizer (A.1
+    recipe, that backbone) must read a ResNet-34 layer, not inherit Lite0's layer name, and build."""
+    from priors import get
+    cfg = resolve(preset("mini"), "resnet34")
+    assert cfg.tokenizer.backbone_layer == "block10"
+    stage, ref_cfg = get("resnet34").needs(cfg)["tokenizer"]
+    assert stage == "tokenizer" and ref_cfg.tokenizer.backbone == "resnet34"
+    assert ref_cfg.tokenizer.backbone_layer is None and ref_cfg.tokenizer.freeze_backbone
+    cfg = cfg.replace(run=cfg.run.replace(allow_random_weights=True))
+    ref_cfg = ref_cfg.replace(run=ref_cfg.run.replace(allow_random_weights=True))
+    grid = lambda c: build_tokenizer(c, "ae", device="meta").encode(torch.zeros(1, 1, 32, 32, device="meta")).shape
+    assert grid(ref_cfg) == grid(cfg)  # the same latent grid as the row's own tokenizer

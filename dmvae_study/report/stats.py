@@ -26,14 +26,15 @@ def t_quantile(df: float, q: float = 0.975) -> float:
     return float(stats.t.ppf(q, df))
 
 
-def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame | None:
+def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS, min_seeds: int = 2) -> pd.DataFrame | None:
     """One line per row: `n` seeds and, per metric, `<m>_mean`, `<m>_std` (sample, ddof 1), `<m>_lo`,
-    `<m>_hi` (mean -+ t_{0.975, n-1} std / sqrt(n)). None when no row has two seeds."""
+    `<m>_hi` (mean -+ t_{0.975, n-1} std / sqrt(n); NaN for one seed). None when no row has `min_seeds`
+    seeds."""
     if "row" not in table or table.empty:
         return None
     ok = table[table["status"] == "ok"] if "status" in table else table
     groups = ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)
-    if max((len(g) for _, g in groups), default=0) < 2:
+    if max((len(g) for _, g in groups), default=0) < min_seeds:
         return None
     records = []
     for row, g in groups:

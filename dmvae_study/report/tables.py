@@ -17,7 +17,7 @@ TABLE_COLUMNS = {  # result column -> displayed name (paper Table 1 names first,
     "score_net_size": "score net", "stand_in": "stands in for", "wall_s": "wall s", "gpu_hours": "GPU-h",
     "random_init": "random-init", "status": "status",
 }
-TABLE_CAPTIONS = {"table1": "Table 1", "ablations": "Table 2"}  # study stem -> the paper table it reproduces
+TABLE_CAPTIONS = {"table1": "Table 1", "ablations": "Table 2", "frontier": "Frontier (DM weight sweep)"}  # study stem -> the paper table it reproduces
 
 
 def random_init_rows(df: pd.DataFrame) -> list[str]:

@@ -1,0 +1,463 @@
+"""A fair cross-prior comparison: each prior's reconstruction-generation frontier over its DM weight.
+
+    python studies/frontier.py --dry-run [--preset imagenet256] [--budget 3000]   # the plan and its cost
+    python studies/frontier.py --priors dinov2,gaussian,vae --seeds 0,1 [--weights 0.3,1,3,10,30,100]
+    python -m dmvae_study.report.frontier results/frontier-smoke                  # fronts + matched table
+
+Table 1 fixes the DM weight by a heuristic (10 data-derived, 1 synthetic; Sec. 4) and Table 2 shows the
+weight moves PSNR and gFID more than the gaps between priors. Here every prior sweeps `dmd.dm_weight`
+on a log grid (default 0.3, 1, 3, 10, 30, 100; `--weights`, or `--points` over `--weight-range`) and the
+baselines sweep their own knob on the same relative grid: `vae` the beta-VAE's `baseline.kl_weight`,
+`vavae` VA-VAE's `baseline.vavae_weight`, each at `default x w / 10` (their default sits where DM weight
+10 sits). One Tune trial per (row, knob value, seed), labelled `<prior>@<knob>=<value>[-s<seed>]`.
+Stages the weight does not enter (the shared tokenizer, each prior's reference set and teacher: their
+artifact keys hold no `dmd.*` field, `dmvae_study.pipeline.STAGES`) run once, before the trials, and are
+reused by every weight through the artifact store.
+
+Early stopping (ASHA, `ray.tune.schedulers.ASHAScheduler`), on what the DMD stage reports every
+`run.log_every` steps through `trainers.common.loop_tail` -> `report_interval` (`LaunchOptions(report=
+"tune")`): time is `dmd/step`, the signal (lower is better) is
+
+    log(dmd/loss/rec) + log(dmd/match/swd)
+
+the log of the product of the reconstruction loss (L1 + LPIPS, the GAN term excluded, so positive) and
+the sliced Wasserstein distance between the latents and reference samples. Why this one: the DM weight
+trades exactly these two (a larger weight pulls the latents onto the reference, lower SWD, at some
+reconstruction); `loss/dm` is scaled by the weight itself, so it cannot rank weights; and a product is
+unit-free in each factor: rescaling SWD (the reference space's scale) or the reconstruction loss (its
+terms' weights) shifts every trial of a prior by the same constant and leaves the ranking unchanged, so no
+exchange rate between the two has to be invented. A trial stopped on it is one that is worse on the
+product than most weights seen at the same DMD step: it lost on both axes, or lost much more on one
+than it gained on the other. The extremes of the grid are what ASHA prunes first, by design of the cost
+control; pass `--no-asha` (or a larger `--budget`) to run every weight in full.
+
+Grouping: ASHA compares trials of the same prior and seed only (one ASHA per (prior, seed),
+`PerPriorASHA`). Across priors the signal is not comparable (each SWD is measured in its own reference
+space, e.g. a unit Gaussian vs DINO features), so one ASHA over all trials would prune whole priors by the
+scale of their reference. Within a seed, weights share data order and initialisation (common random
+numbers), the lowest-variance comparison; seeds may therefore keep different weights, and the report
+averages each weight over the seeds that finished it (and says how many). Baseline rows have no DMD stage
+and no DMD signal: they are never stopped. ASHA's rungs are at DMD steps `T / eta^2, T / eta, T`
+(`T = dmd.total_steps`, `eta` the reduction factor): the last rung decides, at the end of DMD, which
+trials pay for refinement, stage 2 and evaluation, the bulk of a trial's cost. A stopped trial leaves
+`rows/<row>.stopped.json` (step and signal) and is listed with `status: stopped`; it is not a failure and
+is not run again on resume (`--rerun-stopped` does).
+
+Cost control (`--budget HOURS`, in H100-hours when `run.use_gpu`, else CPU core-hours:
+`dmvae_study.cost.hours`). Costs come from `dmvae_study.cost.stage_cost` (counted FLOPs): shared work
+`S` (tokenizer, references, teachers not yet finished), per prior trial its DMD `D` and what follows
+`P` (refine, latents, generator, eval), per baseline trial its whole pipeline `B`. With `n` weights,
+`eta` and 3 rungs, a (prior, seed) group is expected to cost (synchronous successive halving, at least one
+trial past every rung) `D * (n / eta^2 + max(1, n / eta) * (1/eta - 1/eta^2) + max(1, n / eta^2) *
+(1 - 1/eta)) + P * max(1, n / eta^3)`, and the study `S + seeds * (sum over priors + n * sum of B)`.
+The rule: the largest `n` of 12, 10, 8, 6, 5, 4, 3 (log grid over `--weight-range`, `log_grid`) for which some `eta` of 2, 3, 4 fits the budget, with the smallest such `eta` (the gentlest
+pruning); `--weights` / `--points` fix `n` and `--reduction-factor` fixes `eta`. No fit: an error naming
+the smallest budget that fits. Without `--budget`: the default grid and `eta = 3`. Asynchronous halving
+promotes the first trials of a rung unconditionally, so the estimate is a floor; `--dry-run` prints it
+next to the cost of every trial in full. Writes frontier.{csv,parquet,md,tex} and rows/*.json under
+<out>/frontier-<preset>/; rerunning resumes (`Tuner.restore`, finished rows from their manifests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
+from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, run_study, split_list,
+                            stopped_record)
+
+DEFAULT_WEIGHTS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+DEFAULT_RANGE = (0.3, 100.0)
+DM_REFERENCE = 10.0            # the paper's weight for data-derived priors: baselines' defaults sit here
+CANDIDATE_POINTS = (12, 10, 8, 6, 5, 4, 3)
+CANDIDATE_ETAS = (2.0, 3.0, 4.0)
+DEFAULT_ETA = 3.0
+RUNGS = 3
+TIME_ATTR = "dmd/step"
+SIGNAL = "frontier/signal"     # computed by the scheduler from the DMD report (not reported by the stage)
+
+
+# ---- the grid ----------------------------------------------------------------------------------------
+
+def round_sig(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def log_grid(lo: float, hi: float, n: int) -> list[float]:
+    """`n` log-spaced values over [lo, hi], to one significant digit up to 6 points (0.3 .. 100 in 6 points
+    is 0.3, 1, 3, 10, 30, 100), two beyond (denser grids would bunch); values that round together are
+    kept once."""
+    digits = 1 if n <= 6 else 2
+    if n == 1:
+        return [round_sig(math.sqrt(lo * hi), digits)]
+    vals = [round_sig(lo * (hi / lo) ** (i / (n - 1)), digits) for i in range(n)]
+    return list(dict.fromkeys(vals))
+
+
+def knob_values(row: str, dm_weights: list[float], base: Any, explicit: dict[str, list[float] | None]) -> list[float]:
+    """A row's swept values: the DM weights for a prior; for a baseline its `--kl-weights` / `--vf-weights`,
+    else its configured default x w / DM_REFERENCE for every DM weight w (two significant digits)."""
+    knob = knob_of(row)
+    if knob == "dm":
+        return list(dm_weights)
+    if explicit.get(knob):
+        return list(explicit[knob])
+    section, key = KNOBS[knob].split(".")
+    default = getattr(getattr(base, section), key)
+    return list(dict.fromkeys(round_sig(default * w / DM_REFERENCE, 2) for w in dm_weights))
+
+
+# ---- the ASHA signal and scheduler --------------------------------------------------------------------
+
+def signal(result: dict[str, Any]) -> float | None:
+    """`log(dmd/loss/rec) + log(dmd/match/swd)` of one DMD report (lower is better); None when the result
+    is not a DMD report or a factor is missing or not positive."""
+    rec, swd = result.get("dmd/loss/rec"), result.get("dmd/match/swd")
+    if TIME_ATTR not in result or rec is None or swd is None or not rec > 0 or not swd > 0:
+        return None
+    return math.log(rec) + math.log(swd)
+
+
+def grace_period(total_steps: int, eta: float, rungs: int = RUNGS) -> int:
+    """First rung: `T / eta^(rungs-1)` DMD steps (rounded down, so ASHA builds all `rungs` rungs and the last
+    sits at, or just before, `T`: the end of DMD)."""
+    g = max(1, int(total_steps / eta ** (rungs - 1)))
+    while g > 1 and ashas_rungs(total_steps, g, eta) < rungs:
+        g -= 1
+    return g
+
+
+def ashas_rungs(max_t: int, grace: int, eta: float) -> int:
+    """How many rungs `ASHAScheduler(max_t, grace_period, reduction_factor)` builds (its own formula)."""
+    import numpy as np
+    return int(np.log(max_t / grace) / np.log(eta) + 1)
+
+
+def rung_steps(total_steps: int, eta: float, rungs: int = RUNGS) -> list[int]:
+    """The DMD steps at which ASHA decides."""
+    g = grace_period(total_steps, eta, rungs)
+    return [int(g * eta ** k) for k in range(min(rungs, ashas_rungs(total_steps, g, eta)))]
+
+
+class PerPriorASHA(FIFOScheduler):
+    """One `ASHAScheduler` per group (a prior and a seed) on `SIGNAL` over `TIME_ATTR`; rows without a
+    group (baselines) run first-in first-out and are never stopped. A stopped row is written to
+    `rows/<row>.stopped.json` as a manifest-shaped record (`status: stopped`).
+
+    `groups`: row label -> group key (None: not scheduled); `max_t`: row label -> its `dmd.total_steps`;
+    `info`: row label -> `{"prior", "seed", "artifacts", "knob", "weight"}` for the stopped record."""
+
+    def __init__(self, groups: dict[str, Any], max_t: dict[str, int], eta: float, root: str | Path,
+                 info: dict[str, dict[str, Any]], rungs: int = RUNGS):
+        super().__init__()  # metric stays None: Tune then does not demand the signal in every result
+        self.groups, self.max_t, self.eta, self.rungs = groups, max_t, eta, rungs
+        self.root, self.info = Path(root), info
+        self._asha: dict[Any, ASHAScheduler] = {}
+        self.stopped: dict[str, dict[str, Any]] = {}
+
+    def _sub(self, trial) -> ASHAScheduler | None:
+        label = trial.config.get("row")
+        key = self.groups.get(label)
+        if key is None:
+            return None
+        if key not in self._asha:
+            t = self.max_t[label]
+            self._asha[key] = ASHAScheduler(time_attr=TIME_ATTR, metric=SIGNAL, mode="min", max_t=t,
+                                            grace_period=grace_period(t, self.eta, self.rungs),
+                                            reduction_factor=self.eta, stop_last_trials=False)
+        return self._asha[key]
+
+    @staticmethod
+    def _with_signal(result: dict[str, Any]) -> dict[str, Any] | None:
+        s = signal(result)
+        return None if s is None else {**result, SIGNAL: s}
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if (sub := self._sub(trial)) is not None:
+            sub.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        sub, res = self._sub(trial), self._with_signal(result)
+        if sub is None or res is None:
+            return TrialScheduler.CONTINUE
+        action = sub.on_trial_result(tune_controller, trial, res)
+        if action == TrialScheduler.STOP:
+            self._record_stop(trial.config["row"], res)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        sub = self._sub(trial)
+        if sub is not None and trial.trial_id in sub._trial_info:
+            res = self._with_signal(result)
+            if res is None:
+                sub.on_trial_remove(tune_controller, trial)
+            else:
+                sub.on_trial_complete(tune_controller, trial, res)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        sub = self._sub(trial)
+        if sub is not None and trial.trial_id in sub._trial_info:
+            sub.on_trial_remove(tune_controller, trial)
+
+    def _record_stop(self, label: str, res: dict[str, Any]) -> None:
+        import json
+
+        from dmvae_study.store import atomic_write_text
+        info = self.info.get(label, {})
+        record = {"row": label, "prior": info.get("prior"), "seed": info.get("seed"), "status": "stopped",
+                  "dm_weight": info.get("weight") if info.get("knob") == "dm" else None,
+                  "stopped_at_step": int(res[TIME_ATTR]), "signal": float(res[SIGNAL]),
+                  "matching_swd": res.get("dmd/match/swd"), "dmd_loss_rec": res.get("dmd/loss/rec")}
+        self.stopped[label] = record
+        blob = {"row": label, "prior": info.get("prior"), "seed": info.get("seed"), "record": record,
+                "artifacts": info.get("artifacts", {})}
+        atomic_write_text(self.root / "rows" / f"{label}.stopped.json", json.dumps(blob, indent=1, default=str))
+
+    def debug_string(self) -> str:
+        return f"PerPriorASHA: {len(self._asha)} group(s), {len(self.stopped)} stopped"
+
+
+# ---- cost ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Costs:
+    """Estimated hours (the budget's unit) of the study's parts; `unit` names it."""
+
+    unit: str
+    shared: float                                           # work done once (tokenizer, references, teachers)
+    dmd: dict[str, float] = field(default_factory=dict)     # prior -> the DMD of one trial
+    post: dict[str, float] = field(default_factory=dict)    # prior -> refine + latents + generator + eval
+    baseline: dict[str, float] = field(default_factory=dict)  # baseline row -> its whole pipeline
+
+
+def trial_costs(reps: dict[str, Any]) -> Costs:
+    """From one resolved config per row (`reps`: row -> config; the knob value changes no FLOP count)."""
+    from dmvae_study.cost import hours, stage_cost
+    from dmvae_study.pipeline import STAGES, artifact, plan
+    first = next(iter(reps.values()))
+    gpu = first.run.use_gpu
+    h = lambda cfg, st: hours(stage_cost(cfg, st)["flops"], gpu)
+    seen: set[str] = set()
+    shared = 0.0
+
+    def visit(stage: str, cfg: Any) -> None:  # a shared stage and what it consumes, once, unless finished
+        nonlocal shared
+        for st, c in STAGES[stage].inputs(cfg).values():
+            visit(st, c)
+        art = artifact(cfg, stage)
+        if art.path.name not in seen:
+            seen.add(art.path.name)
+            shared += 0.0 if art.done else h(cfg, stage)
+
+    out = Costs(unit="H100-hours" if gpu else "CPU core-hours", shared=0.0)
+    for row, cfg in reps.items():
+        if row in BASELINE_KNOB:
+            out.baseline[row] = sum(h(cfg, st) for st in plan(cfg))
+            continue
+        for st in ("tokenizer", "reference", "teacher"):
+            visit(st, cfg)
+        out.dmd[row] = h(cfg, "dmd")
+        out.post[row] = sum(h(cfg, st) for st in ("refine", "latents", "generator", "eval"))
+    out.shared = shared
+    return out
+
+
+def dmd_trial_equivalents(n: int, eta: float, rungs: int = RUNGS) -> tuple[float, float]:
+    """(full-DMD equivalents, trials past the last rung) of one group of `n` weights under synchronous
+    successive halving with rungs at T/eta^(rungs-1), ..., T and at least one trial past every rung."""
+    marks = [eta ** -(rungs - 1 - k) for k in range(rungs)]  # rung positions as fractions of T
+    frac, prev = 0.0, 0.0
+    for k, m in enumerate(marks):
+        frac += max(1.0, n / eta ** k) * (m - prev) if k else n * m
+        prev = m
+    return frac, max(1.0, n / eta ** rungs)
+
+
+def expected_hours(costs: Costs, n: int, eta: float | None, seeds: int, rungs: int = RUNGS,
+                   n_baseline: int | None = None) -> float:
+    """The study's estimated cost (see the module docstring); `eta=None`: every trial in full."""
+    nb = n if n_baseline is None else n_baseline
+    group = 0.0
+    for prior in costs.dmd:
+        if eta is None:
+            group += n * (costs.dmd[prior] + costs.post[prior])
+        else:
+            frac, survivors = dmd_trial_equivalents(n, eta, rungs)
+            group += costs.dmd[prior] * frac + costs.post[prior] * survivors
+    return costs.shared + seeds * (group + nb * sum(costs.baseline.values()))
+
+
+@dataclass
+class Grid:
+    weights: list[float]
+    eta: float | None  # None: no ASHA
+    expected: float    # estimated hours with ASHA
+    full: float        # estimated hours with every trial in full
+
+
+def choose_grid(costs: Costs, seeds: int, budget: float | None, weights: list[float] | None = None,
+                points: int | None = None, eta: float | None = None, weight_range: tuple[float, float] =
+                DEFAULT_RANGE, asha: bool = True) -> Grid:
+    """The budget rule (module docstring): the largest grid, then the gentlest reduction factor, that fits."""
+    def grid(ws: list[float], e: float | None) -> Grid:
+        return Grid(ws, e if asha else None, expected_hours(costs, len(ws), e if asha else None, seeds),
+                    expected_hours(costs, len(ws), None, seeds))
+
+    if weights is not None:
+        sizes = [weights]
+    elif points is not None:
+        sizes = [log_grid(*weight_range, points)]
+    elif budget is None:
+        sizes = [list(DEFAULT_WEIGHTS) if weight_range == DEFAULT_RANGE else log_grid(*weight_range, 6)]
+    else:
+        sizes = [log_grid(*weight_range, n) for n in CANDIDATE_POINTS]
+    etas = [eta] if eta is not None else ([DEFAULT_ETA] if budget is None else list(CANDIDATE_ETAS))
+    if budget is None:
+        return grid(sizes[0], etas[0])
+    best: Grid | None = None
+    for ws in sizes:
+        for e in etas if asha else [None]:
+            g = grid(ws, e)
+            if g.expected <= budget:
+                return g
+            best = g if best is None or g.expected < best.expected else best
+    assert best is not None
+    raise UserError(f"--budget {budget:g}: the smallest plan ({len(best.weights)} weights"
+                    f"{f', reduction factor {best.eta:g}' if best.eta else ''}) needs ~{best.expected:.3g} "
+                    f"{costs.unit}; raise --budget to at least {math.ceil(best.expected * 100) / 100:g}, or fewer "
+                    f"--priors / --seeds")
+
+
+# ---- the study ------------------------------------------------------------------------------------------
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    vals = split_list(text, what, float)
+    if vals is not None and any(v < 0 for v in vals):
+        raise UserError(f"{what}={text}: weights must be >= 0")
+    return vals
+
+
+def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None, reps: dict[str, Any]) -> str:
+    """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row."""
+    from dmvae_study.cost import dry_run_report
+    first = next(iter(rows.values()))
+    t = first.dmd.total_steps
+    lines = [f"frontier plan: {len(rows)} trial(s); DM weights {', '.join(f'{w:g}' for w in grid.weights)}"]
+    if grid.eta:
+        marks = rung_steps(t, grid.eta)
+        lines.append(f"ASHA per (prior, seed): time {TIME_ATTR}, signal log(loss/rec) + log(match/swd) (min), "
+                     f"reduction factor {grid.eta:g}, rungs at DMD steps {', '.join(map(str, marks))} of {t}; "
+                     f"baselines are never stopped")
+    else:
+        lines.append("no ASHA (--no-asha): every trial runs in full")
+    for label, cfg in rows.items():
+        knob = knob_of(cfg.prior.name)
+        section, key = KNOBS[knob].split(".")
+        value = getattr(getattr(cfg, section), key)
+        lines.append(f"  {label:28s} prior {cfg.prior.name:16s} seed {cfg.run.seed:<3d} {KNOBS[knob]}={value:g}")
+    lines.append(f"estimated cost ({costs.unit}): shared work {costs.shared:.3g}; every trial in full "
+                 f"{grid.full:.3g}; with ASHA (expected, a floor) {grid.expected:.3g}"
+                 + (f"; budget {budget:g}" if budget is not None else ""))
+    lines.append("stage plan of one trial per row (dmvae_study.cost; the knob value changes no cost; artifact "
+                 "names after the teacher differ per value):")
+    lines.append(dry_run_report(reps))
+    return "\n".join(lines)
+
+
+def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]], None] | None = None
+             ) -> pd.DataFrame | None:
+    """The study; `trainable` replaces the row driver (tests run a stub pipeline through the same ASHA)."""
+    from dmvae_study.configlib import apply_overrides
+    from dmvae_study.pipeline import artifact, plan, resolve
+    from priors import ROWS
+    p = parser(__doc__)
+    p.add_argument("--priors", default=",".join(ROWS), help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
+    p.add_argument("--weights", default=None, metavar="W1,W2", help="DM weights, e.g. 0.3,1,3,10,30,100 "
+                   "(default: that grid, or sized by --budget)")
+    p.add_argument("--points", type=int, default=None, help="number of log-spaced DM weights over --weight-range")
+    p.add_argument("--weight-range", default="0.3,100", metavar="LO,HI", help="DM weight range (default 0.3,100)")
+    p.add_argument("--kl-weights", default=None, metavar="K1,K2", help="vae row: baseline.kl_weight values "
+                   "(default: its default x w/10 for each DM weight w)")
+    p.add_argument("--vf-weights", default=None, metavar="V1,V2", help="vavae row: baseline.vavae_weight values "
+                   "(default: its default x w/10)")
+    p.add_argument("--budget", type=float, default=None, metavar="HOURS", help="H100-hours (run.use_gpu) or CPU "
+                   "core-hours: sizes the grid and ASHA's reduction factor (rule in the docstring)")
+    p.add_argument("--reduction-factor", type=float, default=None, metavar="ETA", help="ASHA's eta (default: "
+                   "3, or chosen by --budget)")
+    p.add_argument("--no-asha", action="store_true", help="no early stopping: every trial runs in full")
+    p.add_argument("--rerun-stopped", action="store_true", help="run rows ASHA stopped in an earlier run again")
+    args = p.parse_args(argv)
+    rows = split_list(args.priors, "--priors")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise UserError(f"--priors: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if args.points is not None and args.points < 1:
+        raise UserError(f"--points {args.points}: must be >= 1")
+    if args.reduction_factor is not None and args.reduction_factor <= 1:
+        raise UserError(f"--reduction-factor {args.reduction_factor:g}: must be > 1, e.g. 3")
+    if args.budget is not None and args.budget <= 0:
+        raise UserError(f"--budget {args.budget:g}: must be > 0 hours")
+    rng = _floats(args.weight_range, "--weight-range")
+    if rng is None or len(rng) != 2 or not 0 < rng[0] < rng[1]:
+        raise UserError(f"--weight-range {args.weight_range}: expected LO,HI with 0 < LO < HI, e.g. 0.3,100")
+    name = f"frontier-{args.preset}"
+    base = base_config(args, name)
+    swept = {KNOBS[knob_of(r)] for r in rows}
+    for o in args.overrides:
+        if o.split("=", 1)[0].strip() in swept:
+            raise UserError(f"--set {o}: the frontier sweeps {o.split('=', 1)[0].strip()}; give its values with "
+                            f"--weights / --kl-weights / --vf-weights")
+    seeds = split_list(args.seeds, "--seeds", int)
+    reps = {r: resolve(apply_overrides(base, {"prior.name": r})) for r in rows}
+    costs = trial_costs(reps)
+    grid = choose_grid(costs, len(seeds or [0]), args.budget, _floats(args.weights, "--weights"), args.points,
+                       args.reduction_factor, (rng[0], rng[1]), asha=not args.no_asha)
+    explicit = {"kl": _floats(args.kl_weights, "--kl-weights"), "vf": _floats(args.vf_weights, "--vf-weights")}
+    grid_rows = {row_label(r, v): {"prior.name": r, KNOBS[knob_of(r)]: v}
+                 for r in rows for v in knob_values(r, grid.weights, base, explicit)}
+    if args.dry_run:
+        print(plan_text(resolve_rows(base, grid_rows, seeds, weights=False), grid, costs, args.budget, reps))
+        return None
+    study = prepare(args, name, grid_rows)
+    if study is None:
+        return None
+    if args.rerun_stopped:
+        for label in study.rows:
+            (study.root / "rows" / f"{label}.stopped.json").unlink(missing_ok=True)
+    scheduler = None
+    if grid.eta:
+        info = {label: {"prior": c.prior.name, "seed": c.run.seed, "knob": knob_of(c.prior.name),
+                        "weight": c.dmd.dm_weight,
+                        "artifacts": {s: os.path.relpath(artifact(c, s).path, study.root) for s in plan(c)}}
+                for label, c in study.rows.items()}
+        groups = {label: None if c.prior.name in BASELINE_KNOB else (c.prior.name, c.run.seed)
+                  for label, c in study.rows.items()}
+        scheduler = PerPriorASHA(groups, {k: c.dmd.total_steps for k, c in study.rows.items()}, grid.eta,
+                                 study.root, info)
+    stopped = [k for k in study.rows if stopped_record(study.root, k)]
+    if stopped:
+        print(f"note: {len(stopped)} row(s) were stopped by ASHA in an earlier run and are not run again "
+              f"(--rerun-stopped runs them)", file=sys.stderr)
+    caption = (f"Frontier ({args.preset}): DM weight {', '.join(f'{w:g}' for w in grid.weights)}"
+               + (f", ASHA eta {grid.eta:g} per (prior, seed)" if grid.eta else ""))
+    return run_study(study, "frontier", caption, scheduler=scheduler, trainable=trainable)
+
+
+@cli
+def main(argv: list[str] | None = None) -> pd.DataFrame | None:
+    return frontier(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The frontier study (studies/frontier.py) and its report (dmvae_study/report/frontier.py).
+
+Fast: the ASHA test runs a stub pipeline (a deterministic function of the DM weight, no training) through
+the study's own Tune path and per-prior scheduler on a local Ray; everything else runs without Ray.
+"""
+
+import math
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from dmvae_study.report import frontier as fr
+from studies import frontier as fs
+from studies.common import UserError
+
+BEST_WEIGHT = 3.0  # the stub pipeline's best DM weight
+
+
+def stub_trial(config):
+    """A row driver standing in for `studies.common.row_trial`: reports the DMD stage's keys at steps 10, 20,
+    30 with signal |log10(w / 3)| * ln 10 (loss/rec 1, match/swd 10^|log10(w/3)|), then a finished row."""
+    import json
+    from pathlib import Path
+
+    from ray import tune
+
+    from dmvae_study.config import ExperimentConfig
+    from trainers.launch import write_manifest
+    label = config["row"]
+    cfg = ExperimentConfig.from_dict(config["rows"][label])
+    w = cfg.dmd.dm_weight
+    swd = 10 ** abs(math.log10(w / BEST_WEIGHT))
+    for step in (10, 20, 30):
+        tune.report({"dmd/step": step, "dmd/loss/rec": 1.0, "dmd/match/swd": swd})
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    with open(root / "stub_calls.txt", "a") as fh:  # which rows ran to the end
+        fh.write(json.dumps(label) + "\n")
+    record = {"row": label, "prior": cfg.prior.name, "seed": cfg.run.seed, "psnr": 20 - math.log10(w),
+              "gfid": 10 * abs(math.log10(w / BEST_WEIGHT)) + 5, "rfid": 1.0, "dm_weight": w, "status": "ok"}
+    write_manifest(cfg, label, {}, 0.0, extra={"record": record})
+    tune.report({**record, "row_done": 1})
+
+
+def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatch):
+    import ray
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stub travels to the trial by value
+    ray_tmp = tempfile.mkdtemp(prefix="rayf", dir="/tmp")  # short: Ray's socket paths stay under 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Sequential trials in grid order (max_concurrent_trials=1), eta 3, rungs at DMD steps 3, 9, 27 of 30:
+    # w=1 is the first at every rung (continues), w=3 beats it (continues), w=10 and w=30 are worse than
+    # the median of those before them at their first rung (stopped).
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--priors", "dinov2", "--weights", "1,3,10,30",
+            "--reduction-factor", "3", "--set", "run.max_concurrent_trials=1"]
+    try:
+        df = fs.frontier(argv, trainable=stub_trial)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    status = df.set_index("row")["status"].to_dict()
+    assert status == {"dinov2@dm=1": "ok", "dinov2@dm=3": "ok", "dinov2@dm=10": "stopped",
+                      "dinov2@dm=30": "stopped"}
+    root = tmp_path / "frontier-smoke"
+    marker = fr_json(root / "rows" / "dinov2@dm=10.stopped.json")
+    assert marker["record"]["stopped_at_step"] == 10 and marker["record"]["status"] == "stopped"
+    assert pd.read_csv(root / "frontier.csv").set_index("row").loc["dinov2@dm=30", "status"] == "stopped"
+    calls = (root / "stub_calls.txt").read_text().split()
+    assert len(calls) == 2
+    # re-invoked: finished and stopped rows come from their manifests; no trial runs, Ray does not start
+    again = fs.frontier(argv, trainable=stub_trial)
+    assert not ray.is_initialized()
+    assert (root / "stub_calls.txt").read_text().split() == calls
+    assert again.set_index("row")["status"].to_dict() == status
+
+
+def fr_json(path):
+    import json
+    return json.loads(path.read_text())
+
+
+def test_scheduler_groups_by_prior_and_seed():
+    """Trials of another prior never enter a prior's rungs: a bad weight of `gaussian` is compared only
+    with `gaussian` trials (here: none before it), so it continues; baselines are not scheduled."""
+    from ray.tune.schedulers import TrialScheduler
+
+    class T:
+        def __init__(self, row):
+            self.config, self.trial_id = {"row": row}, row
+
+    groups = {"a@dm=1": ("a", 0), "a@dm=3": ("a", 0), "b@dm=3": ("b", 0), "vae@kl=1e-06": None}
+    s = fs.PerPriorASHA(groups, {k: 30 for k in groups}, 3.0, tempfile.mkdtemp(), {})
+    res = lambda swd: {"dmd/step": 10, "dmd/loss/rec": 1.0, "dmd/match/swd": swd}
+    for row in groups:
+        s.on_trial_add(None, T(row))
+    assert s.on_trial_result(None, T("a@dm=1"), res(1.0)) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, T("b@dm=3"), res(100.0)) == TrialScheduler.CONTINUE  # own group: first
+    assert s.on_trial_result(None, T("a@dm=3"), res(100.0)) == TrialScheduler.STOP
+    assert s.on_trial_result(None, T("vae@kl=1e-06"), res(1e9)) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, T("a@dm=1"), {"tokenizer/step": 5}) == TrialScheduler.CONTINUE
+    assert s.metric is None  # Tune's strict metric check must not demand the signal in every result
+
+
+def test_signal():
+    assert fs.signal({"dmd/step": 10, "dmd/loss/rec": 2.0, "dmd/match/swd": 3.0}) == pytest.approx(math.log(6.0))
+    assert fs.signal({"dmd/step": 10, "dmd/loss/rec": 0.0, "dmd/match/swd": 3.0}) is None
+    assert fs.signal({"tokenizer/step": 10, "dmd/loss/rec": 1.0, "dmd/match/swd": 3.0}) is None
+
+
+def synthetic_frame():
+    """Two priors x three weights x three seeds, and the beta-VAE at three KL weights."""
+    rng = np.random.default_rng(0)
+    rows = []
+    truth = {  # (prior, weight) -> (psnr, gfid)
+        ("dinov2", 1.0): (26.0, 9.0), ("dinov2", 10.0): (24.5, 5.0), ("dinov2", 100.0): (21.0, 3.0),
+        ("gaussian", 1.0): (25.5, 12.0), ("gaussian", 10.0): (23.0, 7.0), ("gaussian", 100.0): (20.0, 6.5),
+        ("vae", 1e-7): (26.2, 20.0), ("vae", 1e-6): (25.0, 18.0), ("vae", 1e-5): (23.5, 17.0)}
+    for (prior, w), (psnr, gfid) in truth.items():
+        for seed in range(3):
+            rows.append({"row": f"{fr.row_label(prior, w)}-s{seed}", "prior": prior, "seed": seed,
+                         "psnr": psnr + rng.normal(0, 0.2), "gfid": gfid + rng.normal(0, 0.3),
+                         "rfid": 1 + rng.normal(0, 0.1), "status": "ok"})
+    rows.append({"row": "gaussian@dm=100-s3", "prior": "gaussian", "status": "stopped"})
+    return pd.DataFrame(rows)
+
+
+def test_matched_table_picks_the_best_feasible_weight():
+    df = synthetic_frame()
+    summary = fr.summarise(fr.frontier_frame(df))
+    floor, why = fr.psnr_floor(summary, 1.0, "vae", 1e-6)
+    vae = df[df["row"].str.startswith("vae@kl=1e-06")]["psnr"]
+    assert floor == pytest.approx(vae.mean() - 1.0) and "vae@kl=1e-06" in why
+    m = fr.matched_table(summary, floor).set_index("prior")
+    # floor ~24: dinov2's w=100 (gFID 3) has PSNR 21, infeasible; w=10 (24.5) is the best feasible
+    assert m.loc["dinov2", "weight"] == 10.0 and m.loc["dinov2", "feasible"] == 2
+    assert m.loc["gaussian", "weight"] == 1.0  # only w=1 clears the floor
+    assert m.loc["vae", "weight"] == 1e-6
+    # intervals: a direct Student-t computation over the three seeds
+    g = df[df["row"].str.startswith("dinov2@dm=10-")]["gfid"].to_numpy()
+    half = sps.t.ppf(0.975, len(g) - 1) * g.std(ddof=1) / math.sqrt(len(g))
+    assert m.loc["dinov2", "gfid_mean"] == pytest.approx(g.mean())
+    assert m.loc["dinov2", "gfid_lo"] == pytest.approx(g.mean() - half)
+    assert m.loc["dinov2", "gfid_hi"] == pytest.approx(g.mean() + half)
+    lo, hi = sps.t.interval(0.95, len(g) - 1, loc=g.mean(), scale=sps.sem(g))
+    assert (m.loc["dinov2", "gfid_lo"], m.loc["dinov2", "gfid_hi"]) == pytest.approx((lo, hi))
+    # a floor nobody meets: every prior listed, none picked
+    none = fr.matched_table(summary, 99.0)
+    assert none["weight"].isna().all() and set(none["prior"]) == {"dinov2", "gaussian", "vae"}
+    # Pareto: for dinov2 every weight trades PSNR for gFID (all on the front)
+    assert summary[summary["prior"] == "dinov2"]["pareto"].all()
+    assert summary.set_index("point").loc["gaussian@dm=100", "stopped"] == 1
+
+
+def test_report_files(tmp_path):
+    root = tmp_path / "frontier-smoke"
+    root.mkdir()
+    synthetic_frame().to_csv(root / "frontier.csv", index=False)
+    page = fr.build_frontier(root)
+    out = page.parent
+    for f in ("matched.csv", "matched.md", "frontier_summary.csv", "frontier_tradeoff.png", "frontier_pareto.png"):
+        assert (out / f).stat().st_size > 0, f
+    m = pd.read_csv(out / "matched.csv").set_index("prior")
+    assert m.loc["dinov2", "weight"] == 10.0  # the smoke preset's default kl_weight 1e-6 sets the floor
+    assert fr.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_dry_run_prints_the_plan_and_cost_without_ray(tmp_path, capsys):
+    import ray
+    assert fs.frontier(["--preset", "smoke", "--out", str(tmp_path), "--priors", "dinov2,vae", "--dry-run",
+                        "--seeds", "0,1"]) is None
+    out = capsys.readouterr().out
+    assert not ray.is_initialized() and not (tmp_path / "frontier-smoke").exists()
+    for w in ("0.3", "1", "3", "10", "30", "100"):
+        assert f"dinov2@dm={w}-s1" in out
+    assert "vae@kl=1e-06-s0" in out and "baseline.kl_weight=1e-06" in out  # the default sits at DM weight 10
+    assert "reduction factor 3" in out and "CPU core-hours" in out and " core-h " in out  # cost.dry_run_report
+
+
+def test_grid_and_budget_rule():
+    assert fs.log_grid(0.3, 100, 6) == [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+    costs = fs.Costs(unit="h", shared=10.0, dmd={"a": 1.0, "b": 1.0}, post={"a": 4.0, "b": 4.0},
+                     baseline={"vae": 2.0})
+    frac, surv = fs.dmd_trial_equivalents(6, 3.0)
+    assert frac == pytest.approx(6 / 9 + 2 * (1 / 3 - 1 / 9) + 1 * (1 - 1 / 3)) and surv == 1.0
+    assert fs.expected_hours(costs, 6, None, 1) == 10 + 2 * 6 * 5 + 6 * 2
+    assert fs.expected_hours(costs, 6, 3.0, 2) == pytest.approx(10 + 2 * (2 * (frac + 4) + 12))
+    # no budget: the default grid, eta 3
+    g = fs.choose_grid(costs, 1, None)
+    assert g.weights == list(fs.DEFAULT_WEIGHTS) and g.eta == 3.0
+    # a large budget: the largest grid with the gentlest eta
+    big = fs.choose_grid(costs, 1, 1e6)
+    assert len(big.weights) == 12 and big.eta == 2.0
+    # each plan the rule returns fits, and the next larger grid would not fit with any eta
+    for budget in (60.0, 75.0, 90.0):
+        g = fs.choose_grid(costs, 1, budget)
+        assert g.expected <= budget
+        n = len(g.weights)
+        larger = [k for k in fs.CANDIDATE_POINTS if k > n]
+        if larger:
+            assert all(fs.expected_hours(costs, min(larger), e, 1) > budget for e in fs.CANDIDATE_ETAS)
+        assert all(fs.expected_hours(costs, n, e, 1) > budget for e in fs.CANDIDATE_ETAS if e < g.eta)
+    with pytest.raises(UserError, match="raise --budget to at least"):
+        fs.choose_grid(costs, 1, 5.0)
+    # ASHA builds all three rungs, the last at (or just before) the end of DMD
+    for t in (30, 600, 3000, 300_000):
+        for eta in fs.CANDIDATE_ETAS:
+            steps = fs.rung_steps(t, eta)
+            assert len(steps) == 3 and steps[-1] <= t and steps[-1] > t / eta
+
+
+def test_dm_weight_is_not_in_the_shared_stages_keys():
+    """Weights reuse the tokenizer, reference set and teacher; DMD and everything after differ."""
+    from dmvae_study.config import preset
+    from dmvae_study.pipeline import artifact, resolve
+    a = resolve(preset("smoke", {"dmd.dm_weight": 1.0, "prior.name": "gaussian"}))
+    b = resolve(preset("smoke", {"dmd.dm_weight": 30.0, "prior.name": "gaussian"}))
+    for stage in ("tokenizer", "reference", "teacher"):
+        assert artifact(a, stage).path == artifact(b, stage).path, stage
+    for stage in ("dmd", "refine", "latents", "generator", "eval"):
+        assert artifact(a, stage).path != artifact(b, stage).path, stage
+
+
+def test_bad_flags(tmp_path):
+    base = ["--preset", "smoke", "--out", str(tmp_path), "--priors", "dinov2", "--dry-run"]
+    with pytest.raises(UserError, match="sweeps dmd.dm_weight"):
+        fs.frontier(base + ["--set", "dmd.dm_weight=3"])
+    with pytest.raises(UserError, match="--weight-range"):
+        fs.frontier(base + ["--weight-range", "100,0.3"])
+    with pytest.raises(UserError, match="reduction-factor"):
+        fs.frontier(base + ["--reduction-factor", "1"])
