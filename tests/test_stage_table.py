@@ -94,3 +94,13 @@ def test_a_prior_in_one_new_module_runs_through_the_pipeline(tmp_path, monkeypat
     finally:
         priors.registry._REGISTRY.pop("ring_fixture", None)
         sys.modules.pop("tests.fixture_prior", None)
+
+
+def test_progress_line_eta_uses_the_stage_mean_rate():
+    """A gFID evaluation inside one interval slows that interval's img/s, not the ETA: 2000 of 2500
+    steps left at 128 img per step and a mean of 800 img/s is 320 s, whatever the interval's 19 img/s."""
+    from trainers.common import progress_line
+    line = progress_line("vae-s1", "generator", 500, 2500, {"loss/fm": 0.4958, "eval/gfid_curve": 169.1}, 19.0, 128,
+                         800.0)
+    assert line == "[vae-s1] generator 500/2500 loss/fm 0.4958 eval/gfid_curve 169.1 | 19 img/s, ETA 5m20s"
+    assert progress_line("r", "dmd", 1, 3, {}, 64.0, 64).endswith("| 64 img/s, ETA 0m02s")  # no mean: the interval's

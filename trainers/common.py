@@ -177,8 +177,9 @@ class StageContext:
         if self.is_main:
             with open(art.file("metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps({"stage": self.stage, **out}) + "\n")
+            mean_rate = (step - self.resumed_from) * images_per_step / max(now - self._t0, 1e-9)
             log.info(progress_line(self.opts.row or self.cfg.prior.name, self.stage, step, total, out, rate,
-                                   images_per_step))
+                                   images_per_step, mean_rate))
         report_interval(self.opts, {f"{self.stage}/{k}": v for k, v in out.items()
                                     if isinstance(v, (int, float)) and v == v})
         return out
@@ -225,13 +226,17 @@ def worker_threads(cfg: ExperimentConfig) -> int:
     return cfg.run.threads or max(1, round(cfg.run.cpus_per_worker))
 
 
-def progress_line(row: str, stage: str, step: int, total: int | None, m: dict, rate: float, ipb: int) -> str:
-    """`[row] dmd 300/1000 loss/dm 0.155 loss/fake 0.883 | 212 img/s, ETA 3m20s` (rank 0, each interval)."""
+def progress_line(row: str, stage: str, step: int, total: int | None, m: dict, rate: float, ipb: int,
+                  mean_rate: float | None = None) -> str:
+    """`[row] dmd 300/1000 loss/dm 0.155 loss/fake 0.883 | 212 img/s, ETA 3m20s` (rank 0, each interval).
+    `rate`: this interval's img/s; the ETA uses `mean_rate`, the stage's mean since it (re)started, so an
+    interval that also ran a gFID evaluation does not make it jump (every later interval has its share)."""
     losses = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                       if k.startswith(("loss/", "match/", "eval/")) and isinstance(v, float))
     eta = ""
-    if total and rate > 0:
-        left = (total - step) * ipb / rate
+    eta_rate = mean_rate if mean_rate is not None else rate
+    if total and eta_rate > 0:
+        left = (total - step) * ipb / eta_rate
         eta = f", ETA {int(left // 60)}m{int(left % 60):02d}s"
     return f"[{row}] {stage} {step}/{total or '?'} {losses} | {rate:.0f} img/s{eta}"
 
