@@ -12,6 +12,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -315,3 +316,25 @@ def test_seeded_rows_share_a_colour_and_fig8_draws_their_mean(tmp_path: Path) ->
     assert list(line.get_xdata()) == [10, 20, 30, 40]
     assert list(line.get_ydata()) == pytest.approx([(s0[s] + 100.0 + s) / 2 for s in (10, 20, 30, 40)])
     assert line.get_label() == "vae (baseline): mean of 2 seeds"
+
+
+def test_seed_section_resolves_each_metric_against_welch(tmp_path: Path) -> None:
+    """gFID, rFID and PSNR pairs (a - b) with Welch intervals equal to a direct scipy computation."""
+    from scipy import stats as sps
+
+    from dmvae_study.report.build import _seed_sections
+    from dmvae_study.report.study import Study
+    vals = {"vae": ([82.3, 80.1, 84.0], [47.4, 49.0, 45.2], [26.6, 26.1, 26.4]),
+            "dinov2": ([65.5, 66.9, 64.2], [59.4, 57.0, 61.1], [23.4, 23.9, 23.1])}
+    table = pd.DataFrame.from_records([{"row": f"{r}-s{k}", "gfid": g[k], "rfid": f[k], "psnr": p[k], "status": "ok"}
+                                       for r, (g, f, p) in vals.items() for k in range(3)])
+    sections = _seed_sections(Study(root=tmp_path, stem="table1", table=table, rows={}, notes=[]), tmp_path)
+    assert len(sections) == 1
+    for metric, i, file in (("gfid", 0, "pairs.csv"), ("rfid", 1, "pairs_rfid.csv"), ("psnr", 2, "pairs_psnr.csv")):
+        got = pd.read_csv(tmp_path / file).iloc[0]
+        assert (got["a"], got["b"]) == ("dinov2", "vae")  # the semantic row first
+        a, b = np.array(vals["dinov2"][i]), np.array(vals["vae"][i])
+        ci = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        assert got["diff"] == pytest.approx(a.mean() - b.mean())
+        assert (got["lo"], got["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert bool(got["resolved"]) == (ci.low > 0 or ci.high < 0)

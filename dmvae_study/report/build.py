@@ -100,11 +100,14 @@ def _seed_sections(study: Study, out: Path) -> list[Section]:
                          Table(display_summary(summary))]
     rows = [base_row(r) for r in study.table["row"]]
     semantic = next((r for r in rows if r.startswith("dinov2")), None)
-    pairs = pairwise(study.table, "gfid", first=semantic)
-    if pairs is not None:
-        atomic_write_text(out / "pairs.csv", pairs.to_csv(index=False))
-        parts += [Para("gFID difference of each pair of rows (a - b) with its 95% interval (Welch): *resolved* "
-                       "when the interval excludes 0, i.e. the seeds tell the two rows apart."),
+    for metric, name in (("gfid", "gFID"), ("rfid", "rFID"), ("psnr", "PSNR")):
+        pairs = pairwise(study.table, metric, first=semantic)
+        if pairs is None:
+            continue
+        file = "pairs.csv" if metric == "gfid" else f"pairs_{metric}.csv"
+        atomic_write_text(out / file, pairs.to_csv(index=False))
+        parts += [Para(f"{name} difference of each pair of rows (a - b) with its 95% interval (Welch): *resolved* "
+                       f"when the interval excludes 0, i.e. the seeds tell the two rows apart. File: [{file}]({file})."),
                   Table(pairs.round(3))]
     return [Section("Seeds and intervals", parts)]
 
