@@ -70,6 +70,20 @@ def test_report_from_the_readme_command(finished):
     assert "no latent cache" not in (report / "report.md").read_text()
 
 
+def test_gfid_redraw_with_the_study_noise_reproduces_the_row(finished):
+    """benchmarks/gfid_sampling_noise.py: its first draw uses the study's own noise offset, so it must give
+    the row's reported gFID exactly; the others are other draws of the same generator."""
+    root = finished / "results" / "table1-smoke"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gfid_sampling_noise", str(root), "--rows", "gaussian",
+                           "--draws", "2", "--threads", "1"], cwd=ROOT, env={**os.environ, "DMVAE_NO_PROGRESS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])["gaussian"]
+    record = json.loads((root / "rows" / "gaussian.json").read_text())["record"]
+    n = str(record["gfid_samples"])
+    assert out[n]["values"][0] == record["gfid"] and out[n]["values"][1] != record["gfid"]
+
+
 def test_tensorboard_sees_every_stage(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = list((finished / "results" / "table1-smoke").rglob("events.out.tfevents.*"))
