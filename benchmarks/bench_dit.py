@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import (Result, autocast, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, split_list, time_calls)
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, build_lightningdit
 from dmvae_study.objectives.flow import FlowMatchingLoss, sample_t
 from trainers import flowfit

@@ -33,7 +33,8 @@ from benchmarks import bench_dit
 from benchmarks.common import (Result, base_parser, compile_forward, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, sync, time_calls)
 from dmvae_study.build import build_tokenizer
-from dmvae_study.config import latent_shape, preset
+from dmvae_study.config import latent_shape
+from dmvae_study.presets import preset
 from dmvae_study.models.lightningdit import build_lightningdit
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
 from trainers import dmd

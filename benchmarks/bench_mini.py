@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from dmvae_study.config import preset
+    from dmvae_study.presets import preset
     from dmvae_study.pipeline import resolve
     from trainers.common import StageContext
     from trainers.tokenizer import setup, step

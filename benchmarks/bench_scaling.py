@@ -82,7 +82,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns `step_s` (median over rounds of the group's step time) and, with `solo_threads`, `solo`:
     {threads: median step time of rank 0 training alone at `solo_batch`}."""
-    from dmvae_study.config import preset
+    from dmvae_study.presets import preset
     from trainers.common import StageContext
     threads = int(config["threads"])
     torch.set_num_threads(threads)

@@ -23,7 +23,8 @@ import torch
 
 from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
                                precision_label, report, reset_peak_memory, setup, time_calls)
-from dmvae_study.config import latent_shape, preset
+from dmvae_study.config import latent_shape
+from dmvae_study.presets import preset
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
 from trainers import tokenizer
 

@@ -88,7 +88,7 @@ def _load(target: str, preset: str, overrides: list[str]) -> tuple[ReferenceSet 
         x = d.get("x", d.get("z")) if isinstance(d, dict) else d
         return x, d.get("y") if isinstance(d, dict) else None
     # a prior name: the pipeline's reference artifact for this row, built here (with its inputs) if missing
-    from dmvae_study.config import preset as make_preset
+    from dmvae_study.presets import preset as make_preset
     from dmvae_study.pipeline import LaunchOptions, artifact, resolve
     from trainers.launch import ensure  # the CLI convenience; the registry itself never imports trainers
     cfg = resolve(make_preset(preset, overrides), target)

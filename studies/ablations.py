@@ -23,7 +23,8 @@ if __package__ in (None, ""):
 import pandas as pd
 import yaml
 
-from studies.common import UserError, base_config, cli, parser, prepare, run_study, split_list
+from studies.common import UserError, base_config, cli, parser, prepare, split_list
+from studies.trials import run_study
 
 AXES: dict[str, tuple[str, list]] = {
     "score_net_size": ("teacher.size", ["S", "L", "XL"]),

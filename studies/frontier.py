@@ -74,8 +74,8 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
-from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, run_study, split_list,
-                            stopped_record)
+from studies.common import UserError, base_config, cli, parser, prepare, resolve_rows, split_list, stopped_record
+from studies.trials import run_study
 
 DEFAULT_WEIGHTS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DEFAULT_RANGE = (0.3, 100.0)

@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
-from studies.common import UserError, cli, parser, prepare, run_study, split_list
+from studies.common import UserError, cli, parser, prepare, split_list
+from studies.trials import run_study
 
 
 @cli

@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmvae_study.config import ExperimentConfig, preset
+from dmvae_study.config import ExperimentConfig
+from dmvae_study.presets import preset
 from dmvae_study.configlib import ConfigError
 from dmvae_study.data import DatasetNotFoundError
 from dmvae_study.reference import ReferenceSet
@@ -144,14 +145,14 @@ def _config_file_unknown_key(tmp: Path) -> Any:
 def _table1(*argv: str) -> Callable[[Path], Any]:
     """The Table 1 CLI in-process; Ray or a stage starting would fail the row (checked before any work)."""
     def run(tmp: Path) -> Any:
-        import studies.common as common
+        import studies.trials as trials
         import trainers.launch as launch
         from studies import table1
 
         def never(*a, **k):
             raise AssertionError("Ray or a stage started on bad input")
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(common, "init_ray", never)
+            mp.setattr(trials, "init_ray", never)
             mp.setattr(launch, "run_pipeline", never)
             return table1.main([*argv, "--out", str(tmp / "out")])
     return run

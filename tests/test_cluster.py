@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from studies import resources
 
 ROOT = Path(__file__).resolve().parents[1]

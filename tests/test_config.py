@@ -2,7 +2,8 @@
 
 import pytest
 
-from dmvae_study.config import PRESETS, DMDConfig, ExperimentConfig, preset
+from dmvae_study.config import DMDConfig, ExperimentConfig
+from dmvae_study.presets import PRESETS, preset
 from dmvae_study.configlib import ConfigError, apply_overrides, dump_yaml, load_yaml
 
 

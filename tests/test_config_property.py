@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dmvae_study.config import ExperimentConfig, preset
+from dmvae_study.config import ExperimentConfig
+from dmvae_study.presets import preset
 from dmvae_study.configlib import ConfigError, Rule, Section, dump_yaml, load_yaml
 
 FIELDS = [(sec.name, f) for sec in dataclasses.fields(ExperimentConfig)

@@ -2,7 +2,7 @@
 
 import torch
 
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from dmvae_study.pipeline import artifact, resolve

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dmvae_study.build import build_dit, for_inference, load_tokenizer
-from dmvae_study.config import ExperimentConfig, preset
+from dmvae_study.config import ExperimentConfig
+from dmvae_study.presets import preset
 from dmvae_study.data import build_dataset, dataset_targets
 from dmvae_study.pipeline import artifact, resolve
 from tests.ddp_util import run_distributed

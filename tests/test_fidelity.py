@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dmvae_study.build import build_tokenizer, load_tokenizer
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.data import balanced_subset, build_dataset
 from dmvae_study.metrics import sliced_wasserstein
 from dmvae_study.objectives.flow import annealed_t_range, sample_t

@@ -22,7 +22,7 @@ BEST_WEIGHT = 3.0  # the stub pipeline's best DM weight
 
 
 def stub_trial(config):
-    """A row driver standing in for `studies.common.row_trial`: reports the DMD stage's keys at steps 10, 20,
+    """A row driver standing in for `studies.trials.row_trial`: reports the DMD stage's keys at steps 10, 20,
     30 with signal |log10(w / 3)| * ln 10 (loss/rec 1, match/swd 10^|log10(w/3)|), then a finished row."""
     import json
     from pathlib import Path
@@ -215,7 +215,7 @@ def test_grid_and_budget_rule():
 
 def test_dm_weight_is_not_in_the_shared_stages_keys():
     """Weights reuse the tokenizer, reference set and teacher; DMD and everything after differ."""
-    from dmvae_study.config import preset
+    from dmvae_study.presets import preset
     from dmvae_study.pipeline import artifact, resolve
     a = resolve(preset("smoke", {"dmd.dm_weight": 1.0, "prior.name": "gaussian"}))
     b = resolve(preset("smoke", {"dmd.dm_weight": 30.0, "prior.name": "gaussian"}))

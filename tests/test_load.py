@@ -1,6 +1,6 @@
 """Load: a local Tune study of 40 tiny trials on 2 CPU cores completes without deadlock, in bounded memory.
 
-The study goes through `studies.common.run_tune` (the code every study script uses: local Ray start,
+The study goes through `studies.trials.run_tune` (the code every study script uses: local Ray start,
 one Tune trial per row, restore logic, the results DataFrame) with its trial driver `row_trial`
 replaced by a trivially small one, so the test measures the platform's orchestration rather than
 training. Trials reserve a quarter CPU each (8 run at once on 2 cores: more contention than a real
@@ -85,13 +85,14 @@ def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, re
     import argparse
 
     import studies.common as common
-    from dmvae_study.config import preset
+    import studies.trials as trials
+    from dmvae_study.presets import preset
     from dmvae_study.pipeline import resolve
     from studies import resources
     ray_tmp = tempfile.mkdtemp(prefix="ray-load-", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
-    monkeypatch.setattr(common, "row_trial", tiny_row)
+    monkeypatch.setattr(trials, "row_trial", tiny_row)
     cfg = preset("smoke", [f"run.out_dir={tmp_path}", "run.name=load", "run.cpus_per_worker=0.25",
                            "run.threads=1", "run.max_failures=0"])  # threads set: the 0.25 CPU per trial is kept
     rows = {f"seed{i:02d}": resolve(cfg.replace(run=cfg.run.replace(seed=i)), "gaussian") for i in range(TRIALS)}
@@ -102,8 +103,8 @@ def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, re
     sampler.start()
     t0 = time.time()
     try:
-        common.init_ray(None)
-        df = common.run_tune(study)
+        trials.init_ray(None)
+        df = trials.run_tune(study)
         wall = time.time() - t0
         node = ray._private.worker.global_worker.node
         webui = node.address_info.get("webui_url")

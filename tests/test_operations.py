@@ -13,18 +13,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.micro import MICRO as BASE_MICRO
+from tests.micro import set_args
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-MICRO = ["tokenizer.total_steps=4", "teacher.total_steps=4", "dmd.total_steps=4", "refine.total_steps=2",
-         "generator.total_steps=4", "generator.eval_every=2", "eval.sampler_steps=4", "eval.gfid_samples=20",
-         "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
-         "prior.num_samples=64", "run.log_every=2"]
+MICRO = [*BASE_MICRO, "generator.eval_every=2", "eval.gfid_samples=20", "run.log_every=2"]
 
 
 def study(cwd: Path, *args: str, check: bool = True, sets: list[str] = MICRO) -> subprocess.CompletedProcess:
     """`python studies/table1.py ...` as a user runs it, from `cwd` (not the repository)."""
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"), "DMVAE_NO_PROGRESS": "1"}
-    cmd = [sys.executable, str(ROOT / "studies" / "table1.py"), *args, *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, str(ROOT / "studies" / "table1.py"), *args, *set_args(sets)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from dmvae_study.build import load_tokenizer
-from dmvae_study.config import ExperimentConfig, preset
+from dmvae_study.config import ExperimentConfig
+from dmvae_study.presets import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from tests.ddp_util import run_distributed
+from tests.micro import MICRO
 from dmvae_study.pipeline import artifact, resolve
 from trainers import dmd, teacher
 from trainers.launch import run_pipeline
@@ -97,12 +99,13 @@ def test_dmd_two_workers_equal_one_worker(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
-    """All stages for one prior on a 2-worker Ray Train group (one start-up for the whole row)."""
+    """All stages for one prior on a 2-worker Ray Train group (one start-up for the whole row), at the
+    micro size (`tests.micro`): the stages' two-worker numerics are compared with one worker elsewhere."""
     import ray
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
-        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "prior.name=dinov2", "run.num_workers=2"]))
+        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *MICRO, "prior.name=dinov2", "run.num_workers=2"]))
         res = run_pipeline(cfg)
     finally:
         ray.shutdown()

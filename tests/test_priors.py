@@ -22,7 +22,7 @@ import torch
 
 import priors
 from dmvae_study.backbones import ResNet34Backbone
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.pipeline import resolve
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import ArtifactDir, load_torch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.pipeline import resolve
 from trainers.launch import run_pipeline
 

@@ -25,10 +25,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from dmvae_study.pipeline import artifact, resolve
+from tests.micro import MICRO as BASE_MICRO
+from tests.micro import set_args
 from trainers import teacher
 from trainers.common import NonFiniteLossError
 
@@ -127,10 +129,7 @@ def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
 
 # ---- 2. driver loss ----------------------------------------------------------------------------------
 
-MICRO = ["tokenizer.total_steps=4", "teacher.total_steps=4", "dmd.total_steps=4", "refine.total_steps=2",
-         "generator.total_steps=4", "generator.eval_every=0", "eval.sampler_steps=4", "eval.gfid_samples=16",
-         "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
-         "prior.num_samples=64", "run.max_concurrent_trials=1"]
+MICRO = [*BASE_MICRO, "run.max_concurrent_trials=1"]
 
 
 def _done_mtimes(study: Path, row: str) -> dict[str, int]:
@@ -167,7 +166,7 @@ def test_driver_loss_study_resumes_with_the_same_command(tmp_path, ray_tmpdir):
     command then finishes the study (Tune restore): the finished row and the second row's finished
     stage are not re-trained (DONE / weight files untouched), and the table has both rows."""
     cmd = [sys.executable, "studies/table1.py", "--preset", "smoke", "--priors", "vae,gaussian",
-           "--out", str(tmp_path), *[a for o in MICRO for a in ("--set", o)]]
+           "--out", str(tmp_path), *set_args(MICRO)]
     env = {**os.environ, "DMVAE_NO_PROGRESS": "1", "RAY_TMPDIR": ray_tmpdir, "PYTHONUNBUFFERED": "1"}
     study = tmp_path / "table1-smoke"
     first_row = study / "rows" / "vae.json"
@@ -314,13 +313,13 @@ def test_full_results_location_fails_before_training(tmp_path, monkeypatch, caps
     or any stage runs."""
     import shutil as _shutil
 
-    import studies.common as common
+    import studies.trials as trials
     import trainers.launch as launch
     from studies import table1
 
     def never(*a, **k):
         raise AssertionError("training or Ray started despite a full results location")
-    monkeypatch.setattr(common, "init_ray", never)
+    monkeypatch.setattr(trials, "init_ray", never)
     monkeypatch.setattr(launch, "run_pipeline", never)
     usage = _shutil.disk_usage(tmp_path)
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
@@ -363,7 +362,7 @@ def test_local_ray_dashboard_is_off_and_bound_to_loopback(monkeypatch):
     """`init_ray` starts a local cluster with no dashboard, bound to 127.0.0.1 should it be enabled."""
     import ray
 
-    from studies.common import init_ray
+    from studies.trials import init_ray
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))

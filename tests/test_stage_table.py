@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dmvae_study.config import preset
+from dmvae_study.presets import preset
 from dmvae_study.pipeline import STAGES, artifact, artifact_key, derived, plan, resolve, shared_work
 
 MICRO = ["tokenizer.total_steps=2", "teacher.total_steps=2", "dmd.total_steps=2", "refine.total_steps=1",

@@ -233,7 +233,7 @@ def load_frontier_table(root: Path) -> pd.DataFrame:
 
 def default_reference_weight(root: Path) -> float | None:
     """The beta-VAE's default KL weight: from the preset the study ran (`frontier-<preset>`), else None."""
-    from dmvae_study.config import PRESETS, preset
+    from dmvae_study.presets import PRESETS, preset
     name = next((p for p in PRESETS if root.name.endswith(f"-{p}")), None)
     return preset(name).baseline.kl_weight if name else None
 

@@ -27,7 +27,7 @@ class StudyRow:
     wall_s: float | None = None
     derived: dict[str, Any] = field(default_factory=dict)  # values the study resolved for this row (dm_weight, ...)
     seed: int | None = None  # the row's seed when the study repeats a prior over seeds (`dinov2-s1`)
-    record: dict[str, Any] = field(default_factory=dict)  # the row's table record (studies/common.flatten_row)
+    record: dict[str, Any] = field(default_factory=dict)  # the row's table record (studies/trials.flatten_row)
 
     @property
     def is_baseline(self) -> bool:
@@ -59,7 +59,7 @@ class Study:
 
     @property
     def preset(self) -> str:
-        from dmvae_study.config import PRESETS
+        from dmvae_study.presets import PRESETS
         name = next((r.config.get("run", {}).get("name") for r in self.rows.values()), None) or self.name
         return next((p for p in PRESETS if name.endswith(f"-{p}")), "?")
 
@@ -94,7 +94,7 @@ def load_manifests(root: Path) -> dict[str, StudyRow]:
 
 
 def row_result(row: StudyRow) -> dict[str, Any]:
-    """A table row from a manifest's stage summaries (the same record `studies/common.flatten_row` reports)."""
+    """A table row from a manifest's stage summaries (the same record `studies/trials.flatten_row` reports)."""
     ev = row.summaries.get("eval") or {}
     tag = ev.get("extractor", row.config.get("eval", {}).get("extractor"))
     run = row.config.get("run", {})
