@@ -1,11 +1,17 @@
 """The smoke preset shrunk to seconds per stage, for tests that exercise a study's plumbing (Ray, the
 store, manifests, resumption) rather than its numbers. One list, so every such test shrinks the same way;
-a test adds or overrides keys after it (a later `--set` of a key wins)."""
+a test adds or replaces keys with `micro(...)` (the CLI refuses a key set twice)."""
 
 MICRO = ["tokenizer.total_steps=4", "teacher.total_steps=4", "dmd.total_steps=4", "refine.total_steps=2",
          "generator.total_steps=4", "generator.eval_every=0", "eval.sampler_steps=4", "eval.gfid_samples=16",
          "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
          "prior.num_samples=64"]
+
+
+def micro(*extra: str) -> list[str]:
+    """MICRO with `extra` ("key=value") added, replacing MICRO's value of a key it names."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in MICRO if o.split("=", 1)[0] not in keys] + list(extra)
 
 
 def set_args(overrides: list[str]) -> list[str]:

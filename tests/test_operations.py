@@ -13,12 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.micro import MICRO as BASE_MICRO
-from tests.micro import set_args
+from tests.micro import micro, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-MICRO = [*BASE_MICRO, "generator.eval_every=2", "eval.gfid_samples=20", "run.log_every=2"]
+MICRO = micro("generator.eval_every=2", "eval.gfid_samples=20", "run.log_every=2")
 
 
 def study(cwd: Path, *args: str, check: bool = True, sets: list[str] = MICRO) -> subprocess.CompletedProcess:

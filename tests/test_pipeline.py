@@ -17,7 +17,7 @@ from dmvae_study.presets import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from tests.ddp_util import run_distributed
-from tests.micro import MICRO
+from tests.micro import micro
 from dmvae_study.pipeline import artifact, resolve
 from trainers import dmd, teacher
 from trainers.launch import run_pipeline
@@ -105,7 +105,7 @@ def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
-        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *MICRO, "prior.name=dinov2", "run.num_workers=2"]))
+        cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *micro("prior.name=dinov2", "run.num_workers=2")]))
         res = run_pipeline(cfg)
     finally:
         ray.shutdown()

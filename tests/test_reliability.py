@@ -29,8 +29,7 @@ from dmvae_study.presets import preset
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import load_torch
 from dmvae_study.pipeline import artifact, resolve
-from tests.micro import MICRO as BASE_MICRO
-from tests.micro import set_args
+from tests.micro import micro, set_args
 from trainers import teacher
 from trainers.common import NonFiniteLossError
 
@@ -129,7 +128,7 @@ def test_worker_loss_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
 
 # ---- 2. driver loss ----------------------------------------------------------------------------------
 
-MICRO = [*BASE_MICRO, "run.max_concurrent_trials=1"]
+MICRO = micro("run.max_concurrent_trials=1")
 
 
 def _done_mtimes(study: Path, row: str) -> dict[str, int]:
