@@ -16,6 +16,7 @@ from scipy import stats as sps
 
 from dmvae_study.report import frontier as fr
 from studies import frontier as fs
+from studies import frontier_budget as fb
 from studies.common import UserError
 
 BEST_WEIGHT = 3.0  # the stub pipeline's best DM weight
@@ -182,33 +183,33 @@ def test_dry_run_prints_the_plan_and_cost_without_ray(tmp_path, capsys):
 
 
 def test_grid_and_budget_rule():
-    assert fs.log_grid(0.3, 100, 6) == [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
-    costs = fs.Costs(unit="h", shared=10.0, dmd={"a": 1.0, "b": 1.0}, post={"a": 4.0, "b": 4.0},
+    assert fb.log_grid(0.3, 100, 6) == [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+    costs = fb.Costs(unit="h", shared=10.0, dmd={"a": 1.0, "b": 1.0}, post={"a": 4.0, "b": 4.0},
                      baseline={"vae": 2.0})
-    frac, surv = fs.dmd_trial_equivalents(6, 3.0)
+    frac, surv = fb.dmd_trial_equivalents(6, 3.0)
     assert frac == pytest.approx(6 / 9 + 2 * (1 / 3 - 1 / 9) + 1 * (1 - 1 / 3)) and surv == 1.0
-    assert fs.expected_hours(costs, 6, None, 1) == 10 + 2 * 6 * 5 + 6 * 2
-    assert fs.expected_hours(costs, 6, 3.0, 2) == pytest.approx(10 + 2 * (2 * (frac + 4) + 12))
+    assert fb.expected_hours(costs, 6, None, 1) == 10 + 2 * 6 * 5 + 6 * 2
+    assert fb.expected_hours(costs, 6, 3.0, 2) == pytest.approx(10 + 2 * (2 * (frac + 4) + 12))
     # no budget: the default grid, eta 3
-    g = fs.choose_grid(costs, 1, None)
-    assert g.weights == list(fs.DEFAULT_WEIGHTS) and g.eta == 3.0
+    g = fb.choose_grid(costs, 1, None)
+    assert g.weights == list(fb.DEFAULT_WEIGHTS) and g.eta == 3.0
     # a large budget: the largest grid with the gentlest eta
-    big = fs.choose_grid(costs, 1, 1e6)
+    big = fb.choose_grid(costs, 1, 1e6)
     assert len(big.weights) == 12 and big.eta == 2.0
     # each plan the rule returns fits, and the next larger grid would not fit with any eta
     for budget in (60.0, 75.0, 90.0):
-        g = fs.choose_grid(costs, 1, budget)
+        g = fb.choose_grid(costs, 1, budget)
         assert g.expected <= budget
         n = len(g.weights)
-        larger = [k for k in fs.CANDIDATE_POINTS if k > n]
+        larger = [k for k in fb.CANDIDATE_POINTS if k > n]
         if larger:
-            assert all(fs.expected_hours(costs, min(larger), e, 1) > budget for e in fs.CANDIDATE_ETAS)
-        assert all(fs.expected_hours(costs, n, e, 1) > budget for e in fs.CANDIDATE_ETAS if e < g.eta)
+            assert all(fb.expected_hours(costs, min(larger), e, 1) > budget for e in fb.CANDIDATE_ETAS)
+        assert all(fb.expected_hours(costs, n, e, 1) > budget for e in fb.CANDIDATE_ETAS if e < g.eta)
     with pytest.raises(UserError, match="raise --budget to at least"):
-        fs.choose_grid(costs, 1, 5.0)
+        fb.choose_grid(costs, 1, 5.0)
     # ASHA builds all three rungs, the last at (or just before) the end of DMD
     for t in (30, 600, 3000, 300_000):
-        for eta in fs.CANDIDATE_ETAS:
+        for eta in fb.CANDIDATE_ETAS:
             steps = fs.rung_steps(t, eta)
             assert len(steps) == 3 and steps[-1] <= t and steps[-1] > t / eta
 
