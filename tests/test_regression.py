@@ -28,6 +28,13 @@ PIN = ["data.hflip=false", "teacher.time_sampling=logit_normal", "generator.time
        "dmd.weight_decay=0", "dmd.disc_weight_decay=0", "dmd.grad_clip=0", "dmd.warmup_steps=0", "dmd.gan_start=0",
        "dmd.tokenizer_out=ema", "run.threads=2"]
 NOT_COMPARED = {("dmd", "match/swd")}
+# Bitwise equality holds per CPU model, not across models: the convolution and matmul kernels torch picks
+# for the CPU round differently, and 100 training steps carry the difference into the 3rd digit. The golden
+# file matches CI's machines; on an AVX-512/AMX Xeon (Sapphire Rapids class) the tokenizer's latent_mean came
+# out 0.0037089 instead of 0.0035858, with the same code before and after the refactor, and pinning the kernel
+# choice (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR) did not recover it.
+CPU_NOTE = ("The first stage already differs: if this commit's parent passes on this machine, it is a change; "
+            "if the parent fails the same way, this CPU rounds differently from the golden file's (see CPU note).")
 
 
 @pytest.mark.slow
@@ -39,10 +46,11 @@ def test_smoke_row_metrics_unchanged_by_the_refactor(tmp_path, monkeypatch):
     res = run_pipeline(cfg)
     golden = json.loads(GOLDEN.read_text())
     compared = 0
-    for stage, values in golden.items():
-        for key, want in values.items():
+    for stage in sorted(golden, key=list(res).index):  # pipeline order: the first stage that differs is named
+        for key, want in golden[stage].items():
             if (stage, key) in NOT_COMPARED or stage == "generator" or (stage == "eval" and key != "psnr"):
                 continue
-            assert res[stage][key] == want, f"{stage}/{key}: {res[stage][key]!r} != {want!r} before the refactor"
+            assert res[stage][key] == want, (f"{stage}/{key}: {res[stage][key]!r} != {want!r} before the refactor. "
+                                              f"{CPU_NOTE if stage == 'tokenizer' else ''}")
             compared += 1
     assert compared >= 20
