@@ -36,10 +36,11 @@ NOT_COMPARED = {("dmd", "match/swd")}
 # ONEDNN_MAX_CPU_ISA, MKL_CBWR) did not recover it; there, stop 22's code (93da319, which passed this test
 # on CI's CPU) and this code give the same numbers, recorded in the second file. So the test asks for
 # exact equality with one of the per-CPU files: any change to what is computed breaks both.
-GOLDENS = [GOLDEN, Path(__file__).parent / "data" / "smoke_gaussian_avx512_amx.json"]
+GOLDENS = sorted(GOLDEN.parent.glob("smoke_gaussian_*.json"))  # one per CPU model; a new file is a new CPU
 CPU_NOTE = ("If `tokenizer/` (the first stage) already differs from every file, and this commit's parent fails the "
-            "same way, the machine is a CPU model with no golden file yet: record one with the parent's code "
-            "(see the CPU note in this file); otherwise the change altered what is computed.")
+            "same way, the machine is a CPU model with no golden file yet: record one with the parent's code, "
+            "`python -m tests.test_regression tests/data/smoke_gaussian_<cpu>.json`; otherwise the change altered "
+            "what is computed.")
 
 
 @pytest.mark.slow
@@ -47,8 +48,7 @@ def test_smoke_row_metrics_unchanged_by_the_refactor(tmp_path, monkeypatch):
     import dmvae_study.loaders as loaders
     monkeypatch.setenv("DMVAE_NO_PROGRESS", "1")
     monkeypatch.setattr(loaders, "OWN_GENERATOR", False)
-    cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", *PIN]), "gaussian")
-    res = run_pipeline(cfg)
+    res = smoke_row(tmp_path)
     misses = {}
     for path in GOLDENS:
         golden = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
@@ -59,6 +59,11 @@ def test_smoke_row_metrics_unchanged_by_the_refactor(tmp_path, monkeypatch):
         misses[path.name] = miss
     pytest.fail("the smoke row's numbers match no recorded CPU's golden file:\n" +
                 "\n".join(f"- {name}: {miss}" for name, miss in misses.items()) + f"\n{CPU_NOTE}")
+
+
+def smoke_row(out_dir) -> dict:
+    """The pinned smoke pipeline of the gaussian row: every stage's summary."""
+    return run_pipeline(resolve(preset("smoke", [f"run.out_dir={out_dir}", *PIN]), "gaussian"))
 
 
 def first_difference(res: dict, golden: dict) -> tuple[str | None, int]:
@@ -72,3 +77,22 @@ def first_difference(res: dict, golden: dict) -> tuple[str | None, int]:
                 return f"{stage}/{key}: {res[stage][key]!r} != {want!r}", compared
             compared += 1
     return None, compared
+
+
+if __name__ == "__main__":  # record this CPU's golden file: python -m tests.test_regression OUT.json
+    import os
+    import platform
+    import sys
+    import tempfile
+
+    import torch
+
+    import dmvae_study.loaders as loaders
+    os.environ["DMVAE_NO_PROGRESS"] = "1"
+    loaders.OWN_GENERATOR = False
+    res = smoke_row(tempfile.mkdtemp())
+    keys = json.loads(GOLDEN.read_text())
+    golden = {"_recorded": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+              **{stage: {k: res[stage][k] for k in values} for stage, values in keys.items()}}
+    Path(sys.argv[1]).write_text(json.dumps(golden, indent=1))
