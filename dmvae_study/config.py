@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dmvae_study.configlib import NONNEG, POSITIVE, UNIT, UNIT_OPEN_HI, ConfigError, Section, each, field, ge, one_of
-from dmvae_study.models.lightningdit import LIGHTNINGDIT_PRESETS
+from dmvae_study.models.sizes import LIGHTNINGDIT_PRESETS
 
 DIT_SIZES = tuple(LIGHTNINGDIT_PRESETS)
 BETAS = each(UNIT_OPEN_HI)

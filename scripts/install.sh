@@ -5,15 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+# Debian packages after one `apt-get update`: the Fashion-MNIST IDX files when missing, and headless Chromium
+# with its driver for the report's browser test (tests/test_report_browser.py); each optional on its own.
+need_data=$([ -d /usr/share/datasets/fashion-mnist ] || echo 1)
+need_browser=$({ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || echo 1)
+if [ -n "$need_data$need_browser" ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+  $SUDO apt-get update -qq || true
+  [ -z "$need_data" ] || $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
     || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be looked up elsewhere" >&2
-fi
-# Headless Chromium and its driver for the report's browser test (tests/test_report_browser.py).
-if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null) \
+  [ -z "$need_browser" ] || $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
     || echo "note: could not install chromium chromium-driver; the report's browser test will be skipped" >&2
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

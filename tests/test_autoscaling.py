@@ -49,10 +49,11 @@ ROWS = "vae,gaussian"  # two rows: the fewest that can run on two nodes at once 
 # steps, a checkpoint every 5) that the kill lands mid-stage, after a checkpoint.
 CHECKPOINT_EVERY = 5
 KILL_STAGE = "teacher"
-STUDY = ["tokenizer.total_steps=8", "teacher.total_steps=60", "dmd.total_steps=6", "refine.total_steps=4",
-         "generator.total_steps=8", "generator.eval_every=0", "eval.sampler_steps=4", "eval.gfid_samples=16",
-         "eval.rfid_images=16", "eval.grid_images=4", "data.train_limit=128", "data.val_limit=32",
-         "prior.num_samples=64", f"run.checkpoint_every={CHECKPOINT_EVERY}", f"run.log_every={CHECKPOINT_EVERY}"]
+STUDY = ["tokenizer.total_steps=8", "baseline.total_steps=8", "teacher.total_steps=60", "dmd.total_steps=6",
+         "refine.total_steps=4", "generator.total_steps=8", "generator.eval_every=0", "eval.sampler_steps=4",
+         "eval.gfid_samples=16", "eval.gfid_ref_images=32", "eval.rfid_images=16", "eval.grid_images=4",
+         "data.train_limit=128", "data.val_limit=32", "prior.num_samples=64",
+         f"run.checkpoint_every={CHECKPOINT_EVERY}", f"run.log_every={CHECKPOINT_EVERY}"]
 MODEL_COLUMNS = ("row", "prior", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
                  "diversity", "latent_diversity", "random_init")
 BIN = Path(sys.executable).parent

@@ -27,12 +27,12 @@ the output has the input's shape. One token means attention is the identity mixi
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from dmvae_study.models.sizes import LIGHTNINGDIT_PRESETS, DiTSize
 
 
 class RMSNorm(nn.Module):
@@ -337,23 +337,6 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], num_classes: int) -
     if table.shape[0] == num_classes:
         out["y_embedder.embedding_table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
     return out
-
-
-class DiTSize(NamedTuple):
-    depth: int
-    hidden: int
-    heads: int
-
-
-# Sizes of the official LightningDiT configs (plus a tiny one for tests); DESIGN.md lists them.
-LIGHTNINGDIT_PRESETS: dict[str, DiTSize] = {
-    "tiny": DiTSize(2, 64, 2),
-    "Mini": DiTSize(6, 256, 4),
-    "S": DiTSize(12, 384, 6),
-    "B": DiTSize(12, 768, 12),
-    "L": DiTSize(24, 1024, 16),
-    "XL": DiTSize(28, 1152, 16),
-}
 
 
 def build_lightningdit(size: str, *, in_channels: int, input_size: int | tuple[int, int], patch_size: int = 1,
