@@ -42,6 +42,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.micro import micro, set_args
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = "vae,gaussian"  # two rows: the fewest that can run on two nodes at once (CI time)
 # A smoke study shrunk so that each row takes a minute or two while two rows and the autoscaler
@@ -49,11 +51,9 @@ ROWS = "vae,gaussian"  # two rows: the fewest that can run on two nodes at once 
 # steps, a checkpoint every 5) that the kill lands mid-stage, after a checkpoint.
 CHECKPOINT_EVERY = 5
 KILL_STAGE = "teacher"
-STUDY = ["tokenizer.total_steps=8", "baseline.total_steps=8", "teacher.total_steps=60", "dmd.total_steps=6",
-         "refine.total_steps=4", "generator.total_steps=8", "generator.eval_every=0", "eval.sampler_steps=4",
-         "eval.gfid_samples=16", "eval.gfid_ref_images=32", "eval.rfid_images=16", "eval.grid_images=4",
-         "data.train_limit=128", "data.val_limit=32", "prior.num_samples=64",
-         f"run.checkpoint_every={CHECKPOINT_EVERY}", f"run.log_every={CHECKPOINT_EVERY}"]
+STUDY = micro("tokenizer.total_steps=8", "baseline.total_steps=8", "teacher.total_steps=60", "dmd.total_steps=6",
+              "refine.total_steps=4", "generator.total_steps=8", f"run.checkpoint_every={CHECKPOINT_EVERY}",
+              f"run.log_every={CHECKPOINT_EVERY}")
 MODEL_COLUMNS = ("row", "prior", "rfid", "psnr", "gfid", "is", "extractor", "gfid_samples", "matching_swd",
                  "diversity", "latent_diversity", "random_init")
 BIN = Path(sys.executable).parent
@@ -246,7 +246,7 @@ def submit(cluster: FakeCluster, out: Path, tag: str) -> str:
     done = cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", job, "--no-wait",
                        "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
                        "python", "studies/table1.py", "--preset", "smoke", "--priors", ROWS, "--out", str(out),
-                       *[a for o in STUDY for a in ("--set", o)])
+                       *set_args(STUDY))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return job
 
