@@ -75,8 +75,55 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 
 
 def fid_from_features(f1: Any, f2: Any) -> float:
-    """FID between two feature sets `(N1, D)`, `(N2, D)`."""
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    """FID between two feature sets `(N1, D)`, `(N2, D)`: `frechet_distance` of their `feature_stats`.
+
+    A set of N <= D samples has a covariance S = A A^T of rank < D (A: its centred features over
+    sqrt(N - 1), D x N). Then the non-zero eigenvalues of S^{1/2} S' S^{1/2} are those of the N x N
+    matrix A^T S' A, and when S' = B B^T is low-rank too, they are the squared singular values of A^T B.
+    The trace term is computed there, in O(D^2 N) instead of O(D^3): the same value (float64 round-off,
+    tests/test_metrics.py), much cheaper for small sample counts (stage-2 curves, tests)."""
+    a, b = _flat64(f1).numpy(), _flat64(f2).numpy()
+    if len(a) > len(b):
+        a, b = b, a  # the distance is symmetric; `a` is the smaller set
+    d = a.shape[1]
+    if len(a) < 2 or len(a) > d:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+    return _fid_low_rank(a, b)
+
+
+def fid_features_vs_stats(f1: Any, mu2: Any, sigma2: Any) -> float:
+    """FID between features `(N, D)` and precomputed statistics; the N x N route when N <= D."""
+    a = _flat64(f1).numpy()
+    if len(a) < 2 or len(a) > a.shape[1]:
+        return frechet_distance(*feature_stats(a), mu2, sigma2)
+    return _fid_low_rank(a, None, np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64))
+
+
+def _cov_factor(f: np.ndarray) -> np.ndarray:
+    """C (D x (N-1)) with C C^T = np.cov(f): the centred samples in an orthonormal basis of the
+    complement of the all-ones vector (the direction centring removes), so that C has no structural
+    null column and no eigenvalue below takes the square root of round-off."""
+    n = len(f)
+    q, _ = np.linalg.qr(np.concatenate([np.ones((n, 1)), np.eye(n)[:, : n - 1]], axis=1))
+    return (f - f.mean(0)).T @ q[:, 1:] / math.sqrt(n - 1)
+
+
+def _fid_low_rank(a: np.ndarray, b: np.ndarray | None, mu2: np.ndarray | None = None,
+                  s2: np.ndarray | None = None) -> float:
+    """FID with `a` (N <= D samples) in its sample space; `b` samples or (mu2, s2)."""
+    ca = _cov_factor(a)                                                 # D x (N-1), S1 = ca ca^T
+    if b is not None and 2 <= len(b) <= b.shape[1]:                     # both low-rank: singular values
+        cb = _cov_factor(b)
+        tr_covmean = np.linalg.svd(ca.T @ cb, compute_uv=False).sum()
+        tr2, mu2 = float((cb * cb).sum()), b.mean(0)
+    else:
+        if b is not None:
+            mu2, s2 = feature_stats(b)
+        m = ca.T @ s2 @ ca                                              # N x N, symmetric PSD
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+        tr2 = float(np.trace(s2))
+    diff = a.mean(0) - mu2
+    return float(diff @ diff + (ca * ca).sum() + tr2 - 2.0 * tr_covmean)
 
 
 # ---- feature extractors for FID / IS -------------------------------------------------------------
@@ -199,8 +246,7 @@ def compute_fid(gen: ImageSource, ref: ImageSource, extractor: str | FIDExtracto
         mu2, s2 = ref
     else:
         mu2, s2 = feature_stats(extract_features(ref, ex, device, batch_size, num_ref))
-    mu1, s1 = feature_stats(extract_features(gen, ex, device, batch_size, num_gen))
-    return frechet_distance(mu1, s1, mu2, s2)
+    return fid_features_vs_stats(extract_features(gen, ex, device, batch_size, num_gen), mu2, s2)
 
 
 # ---- Inception Score ------------------------------------------------------------------------------

@@ -159,10 +159,13 @@ def run_study(study: Study, stem: str, caption: str, scheduler: Any = None,
     print(f"\nwrote {study.root}/{stem}.csv, .parquet, .md, .tex; report: python -m dmvae_study.report {study.root}")
     failed = df[~df["status"].isin(["ok", "stopped"])] if len(df) else df
     if len(failed):
-        print(f"\n{len(failed)} row(s) failed:", file=sys.stderr)
+        print(f"\n{len(failed)} row(s) failed or unfinished:", file=sys.stderr)
         for _, r in failed.iterrows():
-            print(f"  {r['row']}: stage {r.get('failed_stage') or '?'}: {r.get('error')}  (log: {r.get('log')})",
-                  file=sys.stderr)
+            def val(k):
+                v = r.get(k)
+                return v if isinstance(v, str) and v else "?"
+            where = "unfinished" if r.get("status") == "unfinished" else f"stage {val('failed_stage')}"
+            print(f"  {r['row']}: {where}: {val('error')}  (log: {val('log')})", file=sys.stderr)
         raise SystemExit(1)
     return df
 
@@ -207,10 +210,7 @@ def run_tune(study: Study, scheduler: Any = None,
             records.append(stopped["record"])
             continue
         if r.error or not r.metrics.get("row_done"):
-            info = _failure(study.root, label)
-            records.append({"row": label, "prior": study.rows[label].prior.name, "status": "failed",
-                            "failed_stage": info.get("stage"), "error": info.get("error") or str(r.error),
-                            "log": info.get("log")})
+            records.append(failure_record(study.root, label, study.rows[label].prior.name, r.error))
             continue
         records.append({k: v for k, v in r.metrics.items() if not str(k).split("/")[0] in _STAGE_PREFIXES
                         and k != "row_done"})
@@ -221,9 +221,18 @@ _STAGE_PREFIXES = {"tokenizer", "reference", "teacher", "dmd", "refine", "latent
                    "config", "time_this_iter_s", "time_total_s", "training_iteration"}
 
 
-def _failure(root: Path, label: str) -> dict[str, Any]:
+def failure_record(root: Path, label: str, prior: str, error: BaseException | None) -> dict[str, Any]:
+    """The table row of a trial without a result: `failed` (it raised; stage, error and log from the
+    `rows/<row>.failed.json` its driver wrote) or `unfinished` (no error: the study was stopped first)."""
     p = root / "rows" / f"{label}.failed.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    info = json.loads(p.read_text()) if error is not None and p.exists() else {}
+    if error is None:
+        msg = "the study stopped before this row finished (Ctrl-C or a lost driver); the same command resumes it"
+    else:
+        msg = info.get("error") or str(error)
+    return {"row": label, "prior": prior, "status": "failed" if error is not None else "unfinished",
+            "failed_stage": info.get("stage"), "error": msg,
+            "log": info.get("log") or str(root / "logs" / f"{label}.log")}
 
 
 def tracking_callbacks(args: argparse.Namespace) -> list:

@@ -4,7 +4,7 @@ a test adds or replaces keys with `micro(...)` (the CLI refuses a key set twice)
 
 MICRO = ["tokenizer.total_steps=4", "baseline.total_steps=4", "teacher.total_steps=4", "dmd.total_steps=4",
          "refine.total_steps=2", "generator.total_steps=4", "generator.eval_every=0", "eval.sampler_steps=4",
-         "eval.gfid_samples=16", "eval.gfid_ref_images=32", "eval.rfid_images=16", "eval.grid_images=4",
+         "eval.gfid_samples=8", "eval.gfid_ref_images=16", "eval.rfid_images=8", "eval.grid_images=4",
          "data.train_limit=128", "data.val_limit=32", "prior.num_samples=64"]
 
 

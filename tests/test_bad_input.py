@@ -351,3 +351,22 @@ def test_a_single_invalid_set_exits_within_seconds_without_ray(setting, tmp_path
     assert proc.stderr.count("\n") == 1 and setting.split("=")[0] in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
     assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_a_row_without_result_is_failed_with_its_stage_or_unfinished(tmp_path):
+    """A trial that raised is `failed` with the stage and error its driver wrote; one that ended without
+    an error and without a result (the study was interrupted) is `unfinished`, with the command that
+    resumes it, never `stage nan: None`."""
+    from studies.trials import failure_record
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "gmm-s1.failed.json").write_text(json.dumps(
+        {"stage": "dmd", "error": "ValueError: bad", "log": "/x/logs/gmm-s1.log"}))
+    failed = failure_record(tmp_path, "gmm-s1", "gmm", RuntimeError("trial raised"))
+    assert (failed["status"], failed["failed_stage"], failed["error"], failed["log"]) == \
+        ("failed", "dmd", "ValueError: bad", "/x/logs/gmm-s1.log")
+    unfinished = failure_record(tmp_path, "vae-s2", "vae", None)
+    assert unfinished["status"] == "unfinished" and unfinished["failed_stage"] is None
+    assert "same command resumes" in unfinished["error"]
+    assert unfinished["log"] == str(tmp_path / "logs" / "vae-s2.log")
+    stale = failure_record(tmp_path, "gmm-s1", "gmm", None)  # an old failure file does not make it failed
+    assert stale["status"] == "unfinished"

@@ -149,3 +149,50 @@ def test_diversity_closed_forms():
     labels = [0, 0, 0, 1, 1, 1]
     # class 1 pairs: (a,b)=0, (a,c)=1, (b,c)=0 -> mean cos 1/3; class 0 -> 1; diversity = mean(0, 2/3)
     assert M.diversity(feats, labels) == pytest.approx((0 + 2 / 3) / 2)
+
+
+
+def _fid_mp(x, y, dps=40):
+    """FID of two sample sets in 40-digit arithmetic (mpmath): np.cov statistics, S1^{1/2} by `eigsy`,
+    tr (S1^{1/2} S2 S1^{1/2})^{1/2}, as `frechet_distance` defines it."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = dps
+    d = x.shape[1]
+
+    def stats(f):
+        n = len(f)
+        mu = [mp.fsum(mp.mpf(f[i, j]) for i in range(n)) / n for j in range(d)]
+        s = mp.matrix(d, d)
+        for a in range(d):
+            for b in range(a, d):
+                s[a, b] = s[b, a] = mp.fsum((f[i, a] - mu[a]) * (f[i, b] - mu[b]) for i in range(n)) / (n - 1)
+        return mu, s
+
+    (m1, s1), (m2, s2) = stats(x), stats(y)
+    e, q = mp.eigsy(s1)
+    root = q * mp.diag([mp.sqrt(max(v, 0)) for v in e]) * q.T
+    e2, _ = mp.eigsy(root * s2 * root)
+    tr = mp.fsum(mp.sqrt(max(v, 0)) for v in e2)
+    return float(mp.fsum((m1[j] - m2[j]) ** 2 for j in range(d)) + mp.fsum(s1[j, j] + s2[j, j] for j in range(d))
+                 - 2 * tr)
+
+
+@pytest.mark.parametrize("n1,n2", [(8, 8), (8, 50), (30, 12), (2, 60)])
+def test_small_sample_fid_matches_a_40_digit_computation(n1, n2):
+    """With no more samples than dimensions (D = 24) fid_from_features and fid_features_vs_stats take
+    the N x N sample-space route; it equals FID computed in 40-digit arithmetic to float64 round-off.
+    (The D x D route is off by ~1e-8 relative there: square roots of eigenvalues that are zero up to
+    round-off.)"""
+    rng = np.random.default_rng(n1 * 1000 + n2)
+    d = 24
+    x = rng.normal(size=(n1, d)) @ rng.normal(size=(d, d)) / 4
+    y = rng.normal(size=(n2, d)) * rng.uniform(0.5, 2, d) + 0.3
+    exact = _fid_mp(x, y)
+    assert M.fid_from_features(x, y) == pytest.approx(exact, rel=1e-11)
+    assert M.fid_from_features(torch.from_numpy(y), torch.from_numpy(x)) == pytest.approx(exact, rel=1e-11)
+    for f, g in ((x, y), (y, x)):
+        # sample-space route when f has <= D samples; else the D x D route (stats of g may be rank < D)
+        tol = 1e-11 if len(f) <= d else 1e-6
+        assert M.fid_features_vs_stats(f, *M.feature_stats(g)) == pytest.approx(exact, rel=tol)
+    full = M.frechet_distance(*M.feature_stats(x), *M.feature_stats(y))  # the D x D route: same value
+    assert full == pytest.approx(exact, rel=1e-6)

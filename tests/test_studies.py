@@ -53,7 +53,7 @@ def test_table1_smoke_every_row(tmp_path):
     assert df.set_index("row").loc["dinov2", "random_init"]  # no staged DINOv2 weights: flagged
     assert not df.set_index("row").loc["supervised_lite0", "random_init"]  # real offline weights
     md = (root / "table1.md").read_text()
-    assert "gFID-16" in md and "random-init" in md and "lite0" in md
+    assert "gFID-8" in md and "random-init" in md and "lite0" in md
     for ext in ("parquet", "tex"):
         assert (root / f"table1.{ext}").stat().st_size > 0
     assert len(list((root / "rows").glob("*.json"))) == len(ROWS)
