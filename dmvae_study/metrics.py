@@ -85,18 +85,25 @@ def fid_from_features(f1: Any, f2: Any) -> float:
     a, b = _flat64(f1).numpy(), _flat64(f2).numpy()
     if len(a) > len(b):
         a, b = b, a  # the distance is symmetric; `a` is the smaller set
-    d = a.shape[1]
-    if len(a) < 2 or len(a) > d:
-        return frechet_distance(*feature_stats(a), *feature_stats(b))
-    return _fid_low_rank(a, b)
+    if 2 <= len(b) <= b.shape[1]:  # both low-rank: tr (S1 S2)^{1/2} = nuclear norm of C1^T C2
+        ca, cb = _cov_factor(a), _cov_factor(b)
+        diff = a.mean(0) - b.mean(0)
+        tr_covmean = np.linalg.svd(ca.T @ cb, compute_uv=False).sum()
+        return float(diff @ diff + (ca * ca).sum() + (cb * cb).sum() - 2.0 * tr_covmean)
+    return fid_features_vs_stats(a, *feature_stats(b))
 
 
 def fid_features_vs_stats(f1: Any, mu2: Any, sigma2: Any) -> float:
-    """FID between features `(N, D)` and precomputed statistics; the N x N route when N <= D."""
+    """FID between features `(N, D)` and precomputed statistics; the (N-1) x (N-1) route when N <= D."""
     a = _flat64(f1).numpy()
     if len(a) < 2 or len(a) > a.shape[1]:
         return frechet_distance(*feature_stats(a), mu2, sigma2)
-    return _fid_low_rank(a, None, np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64))
+    mu2, s2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+    ca = _cov_factor(a)                                                 # D x (N-1), S1 = ca ca^T
+    m = ca.T @ s2 @ ca                                                  # symmetric PSD
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = a.mean(0) - mu2
+    return float(diff @ diff + (ca * ca).sum() + np.trace(s2) - 2.0 * tr_covmean)
 
 
 def _cov_factor(f: np.ndarray) -> np.ndarray:
@@ -106,24 +113,6 @@ def _cov_factor(f: np.ndarray) -> np.ndarray:
     n = len(f)
     q, _ = np.linalg.qr(np.concatenate([np.ones((n, 1)), np.eye(n)[:, : n - 1]], axis=1))
     return (f - f.mean(0)).T @ q[:, 1:] / math.sqrt(n - 1)
-
-
-def _fid_low_rank(a: np.ndarray, b: np.ndarray | None, mu2: np.ndarray | None = None,
-                  s2: np.ndarray | None = None) -> float:
-    """FID with `a` (N <= D samples) in its sample space; `b` samples or (mu2, s2)."""
-    ca = _cov_factor(a)                                                 # D x (N-1), S1 = ca ca^T
-    if b is not None and 2 <= len(b) <= b.shape[1]:                     # both low-rank: singular values
-        cb = _cov_factor(b)
-        tr_covmean = np.linalg.svd(ca.T @ cb, compute_uv=False).sum()
-        tr2, mu2 = float((cb * cb).sum()), b.mean(0)
-    else:
-        if b is not None:
-            mu2, s2 = feature_stats(b)
-        m = ca.T @ s2 @ ca                                              # N x N, symmetric PSD
-        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-        tr2 = float(np.trace(s2))
-    diff = a.mean(0) - mu2
-    return float(diff @ diff + (ca * ca).sum() + tr2 - 2.0 * tr_covmean)
 
 
 # ---- feature extractors for FID / IS -------------------------------------------------------------

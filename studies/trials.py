@@ -160,12 +160,10 @@ def run_study(study: Study, stem: str, caption: str, scheduler: Any = None,
     failed = df[~df["status"].isin(["ok", "stopped"])] if len(df) else df
     if len(failed):
         print(f"\n{len(failed)} row(s) failed or unfinished:", file=sys.stderr)
+        val = lambda r, k: r[k] if isinstance(r.get(k), str) and r[k] else "?"  # NaN / None -> "?"
         for _, r in failed.iterrows():
-            def val(k):
-                v = r.get(k)
-                return v if isinstance(v, str) and v else "?"
-            where = "unfinished" if r.get("status") == "unfinished" else f"stage {val('failed_stage')}"
-            print(f"  {r['row']}: {where}: {val('error')}  (log: {val('log')})", file=sys.stderr)
+            where = "unfinished" if r.get("status") == "unfinished" else f"stage {val(r, 'failed_stage')}"
+            print(f"  {r['row']}: {where}: {val(r, 'error')}  (log: {val(r, 'log')})", file=sys.stderr)
         raise SystemExit(1)
     return df
 
