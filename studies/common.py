@@ -212,7 +212,8 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
 
 
 def merge_parts(dirs: list[str], root: Path) -> None:
-    """Copy the row manifests of earlier parts into this study's `rows/` (a row already there is kept)."""
+    """Copy the row manifests of earlier parts, with their archives `rows/<row>/`, into this study's
+    `rows/` (a row already there is kept); the archive first, so a copied manifest has its archive."""
     for d in dirs:
         src = Path(d).expanduser()
         src = src / "rows" if (src / "rows").is_dir() else src
@@ -220,6 +221,9 @@ def merge_parts(dirs: list[str], root: Path) -> None:
             raise UserError(f"--merge {d}: no such folder of row manifests (rows/*.json)")
         for m in sorted(src.glob("*.json")):
             if not m.name.endswith(".failed.json") and not (root / "rows" / m.name).exists():
+                archive = m.with_suffix("")  # the row's archive `rows/<row>/`, when it has one
+                if archive.is_dir():
+                    shutil.copytree(archive, root / "rows" / archive.name, dirs_exist_ok=True)
                 atomic_write_text(root / "rows" / m.name, m.read_text())
 
 

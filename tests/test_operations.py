@@ -148,9 +148,14 @@ def test_seeds_in_parts_merge_and_intervals_match_a_direct_computation(tmp_path)
     assert "vae-s0" in part1.stdout
     committed = tmp_path / "committed"
     shutil.copytree(tmp_path / "p1" / "table1-smoke" / "rows", committed)
+    for row in ("vae-s0", "gaussian-s0"):  # each finished row left its archive next to its manifest
+        assert {p.name for p in (committed / row).iterdir()} == {"curves", "samples.png", "reconstructions.png",
+                                                                 "tsne.npz"}
+    shutil.rmtree(tmp_path / "p1")  # part 1's machine, and its artifact store, are gone
     part2 = study(tmp_path, "--priors", "vae,gaussian", "--seeds", "0,1", "--out", "p2", "--merge", str(committed))
     assert "2 row(s) already done" in part2.stderr and "vae-s0, gaussian-s0" in part2.stderr
     root = tmp_path / "p2" / "table1-smoke"
+    assert (root / "rows" / "gaussian-s0" / "curves" / "dmd.jsonl").exists()  # --merge copied the archives
     assert len(list((root / "store" / "eval").glob("eval-*"))) == 2  # only the seed-1 rows were evaluated here
     rep = subprocess.run([sys.executable, "-m", "dmvae_study.report", str(root)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
@@ -168,4 +173,10 @@ def test_seeds_in_parts_merge_and_intervals_match_a_direct_computation(tmp_path)
             assert math.isclose(seeds.loc[row, f"{m}_hi"], v.mean() + half, rel_tol=1e-9, abs_tol=1e-9)
     pairs = pd.read_csv(root / "report" / "pairs.csv")
     assert len(pairs) == 1 and set(pairs.columns) >= {"diff", "lo", "hi", "resolved"}
-    assert "Seeds and intervals" in (root / "report" / "report.md").read_text()
+    md = (root / "report" / "report.md").read_text()
+    assert "Seeds and intervals" in md
+    # part 1's rows are drawn from their archives: grids, curves, t-SNE panels
+    for row in ("vae-s0", "gaussian-s0"):
+        assert f"grids/{row}_samples.png" in md and (root / "report" / "grids" / f"{row}_samples.png").exists()
+    assert "no eval image grids" not in md and "no latent cache" not in md and "no reference set" not in md
+    assert "curves_dmd.png" in md and "fig4_tsne.png" in md

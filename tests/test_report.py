@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from dmvae_study import report
 from dmvae_study.reference import ReferenceSet
+from dmvae_study.report.archive import archive_study
 from dmvae_study.store import ArtifactDir, save_torch
 
 ROWS = ("vae", "dinov2", "gaussian")  # a baseline, a data-derived prior, a synthetic unlabelled prior
@@ -338,3 +340,44 @@ def test_seed_section_resolves_each_metric_against_welch(tmp_path: Path) -> None
         assert got["diff"] == pytest.approx(a.mean() - b.mean())
         assert (got["lo"], got["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
         assert bool(got["resolved"]) == (ci.low > 0 or ci.high < 0)
+
+
+def test_report_is_rebuilt_from_row_archives_after_the_store_is_gone(tmp_path: Path) -> None:
+    """`rows/<row>/` keeps each row's curves, grids and t-SNE inputs: with the artifact store deleted, the
+    report draws the same figures and grids; rows sharing a stage's artifact still make one curve."""
+    study = make_study(tmp_path)
+    assert archive_study(study) == sorted(ROWS)
+    assert archive_study(study) == []  # archived rows are skipped (`force` rewrites them)
+    z = torch.load(study / "store" / "latents" / "latents-dinov2" / "latents.pt", weights_only=True)
+    with np.load(study / "rows" / "dinov2" / "tsne.npz") as d:
+        idx = report.select(z["y"], len(z["y"]), 1000, seed=0)  # the archive keeps a seed-0 subsample: here every point
+        assert len(idx) == len(z["y"])
+        np.testing.assert_array_equal(d["latents"], z["z"][idx].reshape(len(idx), -1).numpy())  # 16 dims: no PCA
+        np.testing.assert_array_equal(d["latents_y"], z["y"][idx].numpy())
+        assert int(d["latents_count"]) == len(z["y"]) and str(d["reference_label"]) == "class"
+    with np.load(study / "rows" / "gaussian" / "tsne.npz") as d:
+        assert "reference_y" not in d and str(d["reference_label"]) == "component"
+    with np.load(study / "rows" / "vae" / "tsne.npz") as d:
+        assert "reference" not in d  # a baseline has no reference set
+
+    shutil.rmtree(study / "store")
+    md = report.build_report(study, max_points=100).read_text()
+    assert set(_images(md)) == report_images()
+    assert "no latent cache" not in md and "no reference set" not in md and "no eval image grids" not in md
+    _assert_png(study / "report" / "fig4_tsne.png", _px(report.tsne_figsize(len(ROWS))))
+    loaded = report.load_study(study)
+    assert [c.label for c in report.stage_curves(loaded, "tokenizer")] == ["vae (baseline)", "dinov2, gaussian"]
+    assert report.stage_curves(loaded, "generator")[1].log["step"].tolist() == [10, 20, 30, 40]
+
+
+def test_pca_points_keep_the_distances_of_points_spanning_fifty_dims() -> None:
+    """Archived t-SNE inputs are PCA'd to 50 dims: for points in a 50-dim subspace of 64 dims that is a
+    rotation, so every pairwise distance is kept (float64 reference: the distances of the raw points)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 50, generator=g, dtype=torch.float64))[0]
+    x = torch.randn(200, 50, generator=g, dtype=torch.float64) @ basis.T + 3.0
+    f = report.pca_points(x.reshape(200, 4, 4, 4))
+    assert f.shape == (200, 50)
+    def dist(a: np.ndarray) -> np.ndarray:
+        return np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist(f), dist(x.numpy()), atol=1e-9)

@@ -144,9 +144,15 @@ def collect(cfg: ExperimentConfig, stages: list[str] | None = None) -> dict[str,
 def write_manifest(cfg: ExperimentConfig, row: str, results: dict[str, Any], wall_s: float,
                    extra: dict[str, Any] | None = None) -> Path:
     """`<out>/<study>/rows/<row>.json`: the row's resolved config, the values the study derived for it,
-    stage summaries and artifact folders (relative to the study folder): what a report needs."""
+    stage summaries and artifact folders (relative to the study folder): what a report needs. First
+    the row's archive `rows/<row>/` (curves, grids, t-SNE inputs: `dmvae_study.report.archive`), so
+    a committed manifest has what its figures need after the artifact store is gone."""
+    from dmvae_study.report.archive import archive_row
     root = Path(cfg.run.out_dir) / cfg.run.name
-    paths = {s: os.path.relpath(artifact(cfg, s).path, root) for s in plan(cfg)}
+    folders = {s: artifact(cfg, s).path for s in plan(cfg)}
+    if on_disk := {s: p for s, p in folders.items() if p.exists()}:
+        archive_row(root, row, on_disk)
+    paths = {s: os.path.relpath(p, root) for s, p in folders.items()}
     blob = {"row": row, "prior": cfg.prior.name, "seed": cfg.run.seed, "wall_s": wall_s, "derived": derived(cfg),
             "config": cfg.to_dict(), "summaries": results, "artifacts": paths, **(extra or {})}
     return atomic_write_text(root / "rows" / f"{row}.json", json.dumps(blob, indent=1, default=str))

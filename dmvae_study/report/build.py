@@ -45,12 +45,13 @@ def _safe(name: str) -> str:
 
 
 def copy_grids(study: Study, out: Path) -> dict[str, dict[str, str]]:
-    """Copy each row's eval `samples.png` / `reconstructions.png` to `grids/<row>_<kind>.png`;
+    """Copy each row's eval `samples.png` / `reconstructions.png` (from the store, else the row's archive)
+    to `grids/<row>_<kind>.png`;
     returns row -> kind -> path relative to `out`."""
     found: dict[str, dict[str, str]] = {}
     for r in study.ordered_rows():
         for kind in GRID_KINDS:
-            src = r.artifact("eval", f"{kind}.png")
+            src = r.artifact("eval", f"{kind}.png") or r.archived(f"{kind}.png")
             if src is None:
                 continue
             dst = out / "grids" / f"{_safe(r.name)}_{kind}.png"

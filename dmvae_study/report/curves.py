@@ -1,4 +1,5 @@
-"""Training curves from each stage's `metrics.jsonl`, against training step, one line per row.
+"""Training curves from each stage's `metrics.jsonl` (from the store, else the row's archive
+`rows/<row>/curves/<stage>.jsonl`), against training step, one line per row.
 
 - Fig. 8: stage-2 gFID against step (`eval/gfid_curve`), or the flow-matching loss when no row
   logged a curve (`generator.eval_every = 0`);
@@ -98,13 +99,16 @@ def stage_curves(study: Study, stage: str) -> list[Curve]:
     rows reusing one teacher) make one line naming them all, not identical lines drawn over each other."""
     rows = study.ordered_rows()
     styles = row_styles(rows)
-    groups: dict[Path, list[StudyRow]] = {}
+    groups: dict[Path, list[StudyRow]] = {}  # the artifact folder the manifest names -> its rows
+    logs: dict[Path, Path] = {}  # the artifact folder -> its log: from the store, else a row's archive
     for r in rows:
-        p = r.artifact(stage, "metrics.jsonl")
+        p = r.artifact(stage, "metrics.jsonl") or r.archived(f"curves/{stage}.jsonl")
         if p is not None:
-            groups.setdefault(p, []).append(r)
-    return [Curve([r.name for r in rs], read_metrics(p), styles[rs[0].name], all(r.is_baseline for r in rs))
-            for p, rs in groups.items()]
+            key = r.artifacts.get(stage, p)
+            groups.setdefault(key, []).append(r)
+            logs.setdefault(key, p)
+    return [Curve([r.name for r in rs], read_metrics(logs[k]), styles[rs[0].name], all(r.is_baseline for r in rs))
+            for k, rs in groups.items()]
 
 
 def save_png(fig: Figure, path: Path) -> Path:
@@ -158,6 +162,10 @@ def plot_generator_curves(study: Study, out: Path) -> tuple[Path | None, str]:
     flow-matching loss when no row logged `eval/gfid_curve`). Returns (png, "gfid" | "loss" | "none")."""
     logs = stage_curves(study, "generator")
     curves = [c for c in logs if c.has("eval/gfid_curve")]
+    drawn = {name for c in logs for name in c.rows}
+    if unlogged := [r.name for r in study.ordered_rows() if r.name not in drawn and "generator" in r.artifacts]:
+        study.notes.append(f"Fig. 8 and the stage curves: no generator log for row(s) {', '.join(unlogged)} "
+                           "(not on disk, not archived under rows/<row>/curves).")
     fig = Figure(figsize=CURVE_FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
     if curves:

@@ -28,6 +28,7 @@ class StudyRow:
     derived: dict[str, Any] = field(default_factory=dict)  # values the study resolved for this row (dm_weight, ...)
     seed: int | None = None  # the row's seed when the study repeats a prior over seeds (`dinov2-s1`)
     record: dict[str, Any] = field(default_factory=dict)  # the row's table record (studies/trials.flatten_row)
+    archive: Path | None = None  # `rows/<row>/` (dmvae_study.report.archive): curves, grids, t-SNE inputs
 
     @property
     def is_baseline(self) -> bool:
@@ -41,6 +42,11 @@ class StudyRow:
             return None
         p = p / file if file else p
         return p if p.exists() else None
+
+    def archived(self, file: str) -> Path | None:
+        """A file of the row's archive `rows/<row>/` when it exists, else None."""
+        p = None if self.archive is None else self.archive / file
+        return p if p is not None and p.exists() else None
 
 
 @dataclass
@@ -89,7 +95,8 @@ def load_manifests(root: Path) -> dict[str, StudyRow]:
                                   summaries=m.get("summaries", {}),
                                   artifacts={s: (root / a).resolve() for s, a in m.get("artifacts", {}).items()},
                                   wall_s=m.get("wall_s"), derived=m.get("derived") or {}, seed=m.get("seed"),
-                                  record=m.get("record") or {})
+                                  record=m.get("record") or {},
+                                  archive=(root / "rows" / m["row"]) if (root / "rows" / m["row"]).is_dir() else None)
     return rows
 
 
@@ -107,6 +114,13 @@ def row_result(row: StudyRow) -> dict[str, Any]:
             "wall_s": wall, "gpu_hours": (wall or 0.0) * gpus / 3600.0, "random_init": bool(ev.get("random_init"))}
 
 
+def _stem(root: Path, rows: dict[str, StudyRow]) -> str:
+    """The study's table stem from its folder name (`table1-mini`), else from its rows' run name (a folder
+    of committed parts such as `docs/mini`), else "table"."""
+    names = [root.name, *(r.config.get("run", {}).get("name") or "" for r in rows.values())]
+    return next((s for n in names for s in STUDY_STEMS if n.startswith(s)), "table")
+
+
 def load_study(results_dir: str | Path) -> Study:
     """Read a study folder: its `<stem>.csv` (else rebuilt from the row manifests) and manifests."""
     root = Path(results_dir)
@@ -122,7 +136,7 @@ def load_study(results_dir: str | Path) -> Study:
         # in parts (--seeds / --priors subsets, --merge), or be stale from an interrupted run. The table's
         # rows come first in its order; rows it lacks follow, grouped by row; its rows without a manifest
         # record (failed in the last part) are kept as it wrote them.
-        stem = csv.stem if csv is not None else next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")
+        stem = csv.stem if csv is not None else _stem(root, rows)
         listed = [r for r in (written["row"] if written is not None else []) if r in records]
         rest = sorted(set(records) - set(listed), key=lambda r: (r.split("-s")[0], r))
         table = pd.DataFrame.from_records([records[r] for r in listed + rest])
@@ -137,7 +151,7 @@ def load_study(results_dir: str | Path) -> Study:
     elif written is not None:
         stem, table = csv.stem, written
     elif rows:
-        stem = next((s for s in STUDY_STEMS if root.name.startswith(s)), "table")
+        stem = _stem(root, rows)
         ordered = sorted(rows.values(), key=lambda r: (not r.is_baseline, r.name))  # baselines first, as studies do
         table = pd.DataFrame.from_records([row_result(r) for r in ordered])
         notes.append(f"No {'/'.join(f'{s}.csv' for s in STUDY_STEMS)} found: the table was rebuilt from rows/*.json.")

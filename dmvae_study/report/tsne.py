@@ -39,18 +39,31 @@ def select(y: torch.Tensor | None, n: int, max_points: int, max_classes: int = 2
     return torch.cat(idx).sort().values
 
 
-def tsne_embed(x: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """`(M, ...)` samples, each flattened -> `(M, 2)` t-SNE coordinates (PCA to 50 dims first)."""
+def reference_labels(provenance: dict[str, Any]) -> str:
+    """What a reference set's labels are: data classes when it was built from the dataset's images (or
+    their captions; sub_dino too, though it counts as synthetic for its DM weight), else the synthetic
+    prior's mixture components (GMM)."""
+    return "class" if provenance.get("kind", "data") == "data" or "images" in provenance else "component"
+
+
+def pca_points(x: torch.Tensor | np.ndarray, seed: int = 0) -> np.ndarray:
+    """`(M, ...)` samples, each flattened, then PCA to `TSNE_PCA_DIM` dims when they have more."""
     from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-    f = x.reshape(x.shape[0], -1).double().numpy()
+    f = np.asarray(x.double() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(x.shape[0], -1)
     if f.shape[1] > TSNE_PCA_DIM and f.shape[0] > TSNE_PCA_DIM:
         f = PCA(TSNE_PCA_DIM, random_state=seed).fit_transform(f)
+    return f
+
+
+def tsne_embed(x: torch.Tensor | np.ndarray, seed: int = 0) -> np.ndarray:
+    """`(M, ...)` samples, each flattened -> `(M, 2)` t-SNE coordinates (PCA to 50 dims first)."""
+    from sklearn.manifold import TSNE
+    f = pca_points(x, seed)
     perplexity = float(min(30.0, max(2.0, (f.shape[0] - 1) / 3)))
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=1).fit_transform(f)
 
 
-def _load_latents(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_latents(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The stage-2 latent cache: its sharded, memory-mapped form (`index.json`, `dmvae_study.latent_cache`),
     or an older single `{"z", "y"}` file; only the subsample is read."""
     if path.name == "index.json":
@@ -72,9 +85,25 @@ class _Embedding:
     count: int  # samples in the source set
 
 
-def _embed(x: torch.Tensor, y: torch.Tensor | None, label: str, max_points: int, seed: int) -> _Embedding:
+def _embed(x: torch.Tensor, y: torch.Tensor | None, label: str, max_points: int, seed: int,
+           count: int | None = None) -> _Embedding:
     idx = select(y, x.shape[0], max_points, seed=seed)
-    return _Embedding(tsne_embed(x[idx].float(), seed), None if y is None else y[idx].numpy(), label, x.shape[0])
+    return _Embedding(tsne_embed(x[idx].float(), seed), None if y is None else y[idx].numpy(), label,
+                      x.shape[0] if count is None else count)
+
+
+def archived_set(row: StudyRow, prefix: str, max_points: int, seed: int) -> _Embedding | None:
+    """A t-SNE panel from the row's archive (`tsne.npz`, `prefix` = "latents" or "reference"): its
+    points are a seed-0 subsample already reduced by PCA, subsampled again when above `max_points`."""
+    p = row.archived("tsne.npz")
+    if p is None:
+        return None
+    with np.load(p) as d:
+        if prefix not in d:
+            return None
+        x = torch.from_numpy(d[prefix].astype(np.float64))
+        y = torch.from_numpy(d[f"{prefix}_y"]) if f"{prefix}_y" in d else None
+        return _embed(x, y, str(d[f"{prefix}_label"]), max_points, seed, count=int(d[f"{prefix}_count"]))
 
 
 def _class_colours(labels: set[int]) -> Any:
@@ -110,12 +139,22 @@ def _class_names(study: Study) -> Sequence[str] | None:
     return None
 
 
+def _latent_file(r: StudyRow) -> Path | None:
+    return r.artifact("latents", "index.json") or r.artifact("latents", "latents.pt")
+
+
+def _has_latents(r: StudyRow) -> bool:
+    return _latent_file(r) is not None or r.archived("tsne.npz") is not None
+
+
 def _one_seed_per_row(study: Study) -> list[StudyRow]:
     """The first seed of each row (`<row>-s<k>`), in table order: the embedding shows the geometry of a
     row's latent space, which a second seed repeats rather than adds to."""
     shown: dict[str, StudyRow] = {}
-    for r in study.ordered_rows():
-        shown.setdefault(base_row(r.name), r)
+    for r in study.ordered_rows():  # the first seed whose latents are on disk or archived, else the first seed
+        first = shown.setdefault(base_row(r.name), r)
+        if not _has_latents(first) and _has_latents(r):
+            shown[base_row(r.name)] = r
     if len(shown) < len(study.rows):
         study.notes.append(f"t-SNE: one seed per row ({', '.join(r.name for r in shown.values())}).")
     return list(shown.values())
@@ -131,32 +170,39 @@ def plot_tsne(study: Study, out: Path, max_points: int = 1000, seed: int = 0) ->
     cache: dict[Path, _Embedding] = {}  # ablation rows often share a reference set or a latent cache
 
     def latents(r: StudyRow) -> _Embedding | None:
-        p = r.artifact("latents", "index.json") or r.artifact("latents", "latents.pt")
+        p = _latent_file(r)
         if p is None:
-            study.notes.append(f"t-SNE: row {r.name} has no latent cache (generator stage not run?).")
-        elif p not in cache:
-            z, y = _load_latents(p)
+            if (emb := archived_set(r, "latents", max_points, seed)) is None:
+                study.notes.append(f"t-SNE: row {r.name} has no latent cache on disk or in its archive.")
+            return emb
+        if p not in cache:
+            z, y = load_latents(p)
             cache[p] = _embed(z, y, "class", max_points, seed)
-        return cache.get(p) if p is not None else None
+        return cache[p]
 
     def reference(r: StudyRow) -> _Embedding | None:
         p = r.artifact("reference", "meta.json")
         if p is None:
-            study.notes.append(f"t-SNE: row {r.name} has no reference set on disk.")
-        elif p not in cache:
+            if (emb := archived_set(r, "reference", max_points, seed)) is None:
+                study.notes.append(f"t-SNE: row {r.name} has no reference set on disk or in its archive.")
+            return emb
+        if p not in cache:
             ref = ReferenceSet.load(p.parent)
-            label = "class" if ref.provenance.get("kind", "data") == "data" else "component"
-            cache[p] = _embed(ref.x, ref.y, label, max_points, seed)
+            cache[p] = _embed(ref.x, ref.y, reference_labels(ref.provenance), max_points, seed)
         return cache.get(p) if p is not None else None
 
     panels = [(r, latents(r), None if r.is_baseline else reference(r)) for r in rows]
+    panels = [p for p in panels if p[1] is not None or p[2] is not None]  # a row with nothing to draw: only its note
+    if not panels:
+        return None
+    rows = [r for r, *_ in panels]
     labels = {int(k) for _, *embs in panels for e in embs if e is not None and e.y is not None for k in np.unique(e.y)}
     colour = _class_colours(labels)
     fig = Figure(figsize=tsne_figsize(len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 2, squeeze=False)
     for (r, z, ref), (ax_z, ax_ref) in zip(panels, axes):
         _panel(ax_z, z, f"{r.name}: {'baseline' if r.is_baseline else 'DMVAE'} latents", colour,
-               "latent cache missing\n(generator stage not run?)")
+               "latent cache missing\n(not on disk, not archived)")
         if r.is_baseline:
             _panel(ax_ref, None, f"{r.name}: no reference", colour, "baseline:\nno reference set, no DM")
         else:
