@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.configlib import ConfigError, dump_yaml, parse_overrides, read_overrides
-from dmvae_study.pipeline import derived, resolve
+from dmvae_study.pipeline import artifact, derived, plan, resolve
 from dmvae_study.presets import PRESETS, preset
 from dmvae_study.store import atomic_write_text, preflight_writable
 
@@ -48,6 +48,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--merge", action="append", default=[], metavar="DIR",
                    help="results of earlier parts (a folder of rows/*.json manifests, e.g. committed under docs/): "
                         "a (row, seed) found there with the same resolved config is not run again")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="finished rows of another study (a folder of rows/*.json, e.g. docs/mini): a row of this "
+                        "study whose every stage and seed is the same as one there (the same evaluation artifact) "
+                        "takes its result instead of running, e.g. the frontier's default weights from Table 1")
     p.add_argument("--restart", action="store_true",
                    help="start the Tune experiment over; finished stages are still reused from the artifact store")
     p.add_argument("--clean", action="store_true", help="delete this study's cached work (store, Tune state, "
@@ -195,6 +199,8 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     if args.dry_run:
         from dmvae_study.cost import dry_run_report
         print(dry_run_report(resolved))
+        if args.reuse:
+            print(reuse_text(args.reuse, resolved))
         return None
     if args.clean and root.exists():
         if not args.yes:
@@ -208,17 +214,26 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
         raise UserError(str(e)) from None
     check_format(root)
     merge_parts(args.merge, root)
+    reused = reuse_rows(args.reuse, root, resolved)
+    if reused:
+        print(f"note: {len(reused)} row(s) take the result of the same computation in --reuse: "
+              f"{', '.join(f'{k} = {v}' for k, v in reused.items())}", file=sys.stderr)
     return Study(name, root, base, resolved, args)
+
+
+def _rows_dir(d: str) -> Path:
+    src = Path(d).expanduser()
+    src = src / "rows" if (src / "rows").is_dir() else src
+    if not src.is_dir():
+        raise UserError(f"{d}: no such folder of row manifests (rows/*.json)")
+    return src
 
 
 def merge_parts(dirs: list[str], root: Path) -> None:
     """Copy the row manifests of earlier parts, with their archives `rows/<row>/`, into this study's
     `rows/` (a row already there is kept); the archive first, so a copied manifest has its archive."""
     for d in dirs:
-        src = Path(d).expanduser()
-        src = src / "rows" if (src / "rows").is_dir() else src
-        if not src.is_dir():
-            raise UserError(f"--merge {d}: no such folder of row manifests (rows/*.json)")
+        src = _rows_dir(d)
         for m in sorted(src.glob("*.json")):
             if not m.name.endswith(".failed.json") and not (root / "rows" / m.name).exists():
                 archive = m.with_suffix("")  # the row's archive `rows/<row>/`, when it has one
@@ -227,10 +242,52 @@ def merge_parts(dirs: list[str], root: Path) -> None:
                 atomic_write_text(root / "rows" / m.name, m.read_text())
 
 
+def reusable(dirs: list[str], rows: dict[str, ExperimentConfig]) -> dict[str, Path]:
+    """Row label -> the finished manifest in `dirs` with the same evaluation artifact (its key chains every
+    stage's config and the seed: the same computation)."""
+    found: dict[str, Path] = {}  # eval artifact folder name -> manifest
+    for d in dirs:
+        for m in sorted(_rows_dir(d).glob("*.json")):
+            if m.name.endswith((".failed.json", ".stopped.json")):
+                continue
+            blob = json.loads(m.read_text())
+            if blob.get("record") and blob.get("artifacts", {}).get("eval"):
+                found.setdefault(Path(blob["artifacts"]["eval"]).name, m)
+    return {label: found[k] for label, cfg in rows.items() if (k := artifact(cfg, "eval").path.name) in found}
+
+
+def reuse_text(dirs: list[str], rows: dict[str, ExperimentConfig]) -> str:
+    """`--dry-run`'s line on `--reuse`: which rows take a finished result instead of running."""
+    found = reusable(dirs, rows)
+    names = "".join(f"\n  {k} = {v.stem}" for k, v in found.items())
+    return f"--reuse: {len(found)} of {len(rows)} row(s) are finished there and will not run{names}"
+
+
+def reuse_rows(dirs: list[str], root: Path, rows: dict[str, ExperimentConfig]) -> dict[str, str]:
+    """Rows of this study without a manifest whose evaluation artifact (its key chains every stage's config
+    and the seed) is that of a finished row in `dirs`: the row is the same computation, so its manifest
+    and archive are copied under this study's label, with this study's artifact paths (the same keys in
+    its store) and `reused_from`. Returns label -> the row it reuses."""
+    reused = {}
+    for label, src in reusable(dirs, rows).items():
+        cfg = rows[label]
+        dst = root / "rows" / f"{label}.json"
+        if dst.exists():
+            continue
+        blob = json.loads(src.read_text())
+        archive = src.with_suffix("")
+        if archive.is_dir():
+            shutil.copytree(archive, root / "rows" / label, dirs_exist_ok=True)
+        blob.update(row=label, record={**blob["record"], "row": label}, reused_from=str(src.resolve()),
+                    artifacts={s: os.path.relpath(artifact(cfg, s).path, root) for s in plan(cfg)})
+        atomic_write_text(dst, json.dumps(blob, indent=1, default=str))
+        reused[label] = src.stem
+    return reused
+
+
 def done_records(study: Study) -> dict[str, dict[str, Any]]:
     """Rows whose manifest holds a result of the same evaluation artifact (its key chains every stage's
     config and the seed): done, reported, not rerun, whether or not their store is still on disk."""
-    from dmvae_study.pipeline import artifact
     out = {}
     for label, cfg in study.rows.items():
         m = study.root / "rows" / f"{label}.json"

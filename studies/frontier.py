@@ -73,7 +73,8 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
-from studies.common import UserError, base_config, cli, parser, prepare, resolve_rows, split_list, stopped_record
+from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, reuse_text, split_list,
+                            stopped_record)
 from studies.trials import run_study
 from studies.frontier_budget import RUNGS, Costs, Grid, choose_grid, knob_values, trial_costs
 
@@ -279,7 +280,10 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
     grid_rows = {row_label(r, v): {"prior.name": r, KNOBS[knob_of(r)]: v}
                  for r in rows for v in knob_values(r, grid.weights, base, explicit)}
     if args.dry_run:
-        print(plan_text(resolve_rows(base, grid_rows, seeds, weights=False), grid, costs, args.budget, reps))
+        planned = resolve_rows(base, grid_rows, seeds, weights=False)
+        print(plan_text(planned, grid, costs, args.budget, reps))
+        if args.reuse:
+            print(reuse_text(args.reuse, planned) + " (the estimates above count every trial)")
         return None
     study = prepare(args, name, grid_rows)
     if study is None:

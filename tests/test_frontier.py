@@ -79,6 +79,30 @@ def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatc
     assert (root / "stub_calls.txt").read_text().split() == calls
     assert again.set_index("row")["status"].to_dict() == status
 
+    # another study whose finished rows are the same computations (here: Table 1's `dinov2` row at the same
+    # weight, as committed under docs/): --reuse takes them under this study's labels, and nothing runs
+    other = tmp_path / "table1" / "rows"
+    other.mkdir(parents=True)
+    for w, label in ((1, "dinov2-s0"), (3, "dinov2-s1")):
+        blob = fr_json(root / "rows" / f"dinov2@dm={w}.json")
+        blob["row"] = blob["record"]["row"] = label
+        (other / f"{label}.json").write_text(json_dumps(blob))
+    (other / "dinov2-s1").mkdir()  # an archive
+    (other / "dinov2-s1" / "samples.png").write_bytes(b"png")
+    reuse = fs.frontier(["--preset", "smoke", "--out", str(tmp_path / "b"), "--priors", "dinov2", "--weights", "1,3",
+                         "--reduction-factor", "3", "--reuse", str(other.parent)], trainable=stub_trial)
+    assert not ray.is_initialized()
+    assert reuse.set_index("row")["psnr"].to_dict() == {"dinov2@dm=1": 20.0, "dinov2@dm=3": 20 - math.log10(3)}
+    got = fr_json(tmp_path / "b" / "frontier-smoke" / "rows" / "dinov2@dm=3.json")
+    assert got["row"] == got["record"]["row"] == "dinov2@dm=3" and got["reused_from"].endswith("dinov2-s1.json")
+    assert got["artifacts"] == fr_json(root / "rows" / "dinov2@dm=3.json")["artifacts"]  # same keys, same paths
+    assert (tmp_path / "b" / "frontier-smoke" / "rows" / "dinov2@dm=3" / "samples.png").read_bytes() == b"png"
+
+
+def json_dumps(blob):
+    import json
+    return json.dumps(blob)
+
 
 def fr_json(path):
     import json
