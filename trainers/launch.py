@@ -151,7 +151,12 @@ def write_manifest(cfg: ExperimentConfig, row: str, results: dict[str, Any], wal
     root = Path(cfg.run.out_dir) / cfg.run.name
     folders = {s: artifact(cfg, s).path for s in plan(cfg)}
     if on_disk := {s: p for s, p in folders.items() if p.exists()}:
-        archive_row(root, row, on_disk)
+        try:
+            archive_row(root, row, on_disk)
+        except Exception as e:  # the row's result stands; only figures rebuilt without the store lack it
+            log.warning("row %s: its archive rows/%s/ was not written (%s: %s); the report draws its figures from "
+                        "the artifact store while that exists (python -m dmvae_study.report.archive retries)",
+                        row, row, type(e).__name__, e)
     paths = {s: os.path.relpath(p, root) for s, p in folders.items()}
     blob = {"row": row, "prior": cfg.prior.name, "seed": cfg.run.seed, "wall_s": wall_s, "derived": derived(cfg),
             "config": cfg.to_dict(), "summaries": results, "artifacts": paths, **(extra or {})}
