@@ -381,3 +381,22 @@ def test_pca_points_keep_the_distances_of_points_spanning_fifty_dims() -> None:
     def dist(a: np.ndarray) -> np.ndarray:
         return np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
     np.testing.assert_allclose(dist(f), dist(x.numpy()), atol=1e-9)
+
+
+def test_a_row_whose_archive_fails_keeps_its_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from dmvae_study.pipeline import artifact, resolve
+    from dmvae_study.presets import preset
+    from dmvae_study.report import archive
+    from trainers.launch import write_manifest
+    cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "prior.name=gaussian"]))
+    artifact(cfg, "eval").path.mkdir(parents=True)
+
+    def broken(*_: object) -> None:
+        raise OSError("disk full")
+    monkeypatch.setattr(archive, "archive_row", broken)
+    with caplog.at_level("WARNING", logger="dmvae_study"):
+        path = write_manifest(cfg, "gaussian", {}, 1.0)
+    assert json.loads(path.read_text())["row"] == "gaussian"
+    assert "rows/gaussian/ was not written (OSError: disk full)" in caplog.text
+    assert "python -m dmvae_study.report.archive" in caplog.text
