@@ -148,8 +148,9 @@ def _has_latents(r: StudyRow) -> bool:
 
 
 def _one_seed_per_row(study: Study) -> list[StudyRow]:
-    """The first seed of each row (`<row>-s<k>`), in table order: the embedding shows the geometry of a
-    row's latent space, which a second seed repeats rather than adds to."""
+    """One seed of each row (`<row>-s<k>`), in table order: the first whose latents are on disk or archived,
+    else the first. The embedding shows the geometry of a row's latent space, which a second seed repeats
+    rather than adds to."""
     shown: dict[str, StudyRow] = {}
     for r in study.ordered_rows():  # the first seed whose latents are on disk or archived, else the first seed
         first = shown.setdefault(base_row(r.name), r)
