@@ -400,3 +400,15 @@ def test_a_row_whose_archive_fails_keeps_its_manifest(tmp_path: Path, monkeypatc
     assert json.loads(path.read_text())["row"] == "gaussian"
     assert "rows/gaussian/ was not written (OSError: disk full)" in caplog.text
     assert "python -m dmvae_study.report.archive" in caplog.text
+
+
+def test_header_names_the_study_folder_relative_to_the_working_directory(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report committed with its study (`docs/mini/report`) names no machine's absolute path."""
+    study = make_study(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    md = report.build_report("table1-smoke", max_points=0).read_text()
+    assert "source: `table1-smoke`" in md
+    monkeypatch.chdir(study / "rows")  # outside the study folder's tree: absolute
+    md = report.build_report(study, max_points=0).read_text()
+    assert f"source: `{study.resolve()}`" in md

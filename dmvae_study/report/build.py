@@ -62,11 +62,18 @@ def copy_grids(study: Study, out: Path) -> dict[str, dict[str, str]]:
     return found
 
 
+def _shown_path(path: Path) -> str:
+    """A folder as the header shows it: relative to the working directory when inside it (a report
+    committed with its study, `docs/mini`, names no machine's path), else absolute."""
+    p = path.resolve()
+    return p.relative_to(Path.cwd()).as_posix() if p.is_relative_to(Path.cwd()) else str(p)
+
+
 def _header(study: Study) -> Section:
     n = study.gfid_samples
     parts: list[Part] = [Bullets([f"study: `{study.stem}` · preset: `{study.preset}` · rows: {len(study.table)}",
                             f"feature extractor: `{study.extractor}` (rFID / gFID{f' on {n} samples' if n else ''} "
-                            "/ IS in its feature space)", f"source: `{study.root.resolve()}`"])]
+                            "/ IS in its feature space)", f"source: `{_shown_path(study.root)}`"])]
     if bad := random_init_rows(study.table):
         parts.append(Para(f"**Warning: random-init weights.** Row(s) {', '.join(f'`{b}`' for b in bad)} ran with "
                           "randomly initialised backbones (pretrained weights missing, `run.allow_random_weights`): "
