@@ -221,25 +221,30 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     return Study(name, root, base, resolved, args)
 
 
-def _rows_dir(d: str) -> Path:
+def _rows_dir(flag: str, d: str) -> Path:
     src = Path(d).expanduser()
     src = src / "rows" if (src / "rows").is_dir() else src
     if not src.is_dir():
-        raise UserError(f"{d}: no such folder of row manifests (rows/*.json)")
+        raise UserError(f"{flag} {d}: no such folder of row manifests (rows/*.json)")
     return src
+
+
+def _copy_row(manifest: Path, root: Path, label: str, text: str) -> None:
+    """Write a row's manifest `text` as `root/rows/<label>.json`, its archive `rows/<row>/` (when it has one)
+    copied first, so a manifest that exists has its archive."""
+    archive = manifest.with_suffix("")
+    if archive.is_dir():
+        shutil.copytree(archive, root / "rows" / label, dirs_exist_ok=True)
+    atomic_write_text(root / "rows" / f"{label}.json", text)
 
 
 def merge_parts(dirs: list[str], root: Path) -> None:
     """Copy the row manifests of earlier parts, with their archives `rows/<row>/`, into this study's
     `rows/` (a row already there is kept); the archive first, so a copied manifest has its archive."""
     for d in dirs:
-        src = _rows_dir(d)
-        for m in sorted(src.glob("*.json")):
+        for m in sorted(_rows_dir("--merge", d).glob("*.json")):
             if not m.name.endswith(".failed.json") and not (root / "rows" / m.name).exists():
-                archive = m.with_suffix("")  # the row's archive `rows/<row>/`, when it has one
-                if archive.is_dir():
-                    shutil.copytree(archive, root / "rows" / archive.name, dirs_exist_ok=True)
-                atomic_write_text(root / "rows" / m.name, m.read_text())
+                _copy_row(m, root, m.stem, m.read_text())
 
 
 def reusable(dirs: list[str], rows: dict[str, ExperimentConfig]) -> dict[str, Path]:
@@ -247,7 +252,7 @@ def reusable(dirs: list[str], rows: dict[str, ExperimentConfig]) -> dict[str, Pa
     stage's config and the seed: the same computation)."""
     found: dict[str, Path] = {}  # eval artifact folder name -> manifest
     for d in dirs:
-        for m in sorted(_rows_dir(d).glob("*.json")):
+        for m in sorted(_rows_dir("--reuse", d).glob("*.json")):
             if m.name.endswith((".failed.json", ".stopped.json")):
                 continue
             blob = json.loads(m.read_text())
@@ -270,17 +275,12 @@ def reuse_rows(dirs: list[str], root: Path, rows: dict[str, ExperimentConfig]) -
     its store) and `reused_from`. Returns label -> the row it reuses."""
     reused = {}
     for label, src in reusable(dirs, rows).items():
-        cfg = rows[label]
-        dst = root / "rows" / f"{label}.json"
-        if dst.exists():
+        if (root / "rows" / f"{label}.json").exists():
             continue
         blob = json.loads(src.read_text())
-        archive = src.with_suffix("")
-        if archive.is_dir():
-            shutil.copytree(archive, root / "rows" / label, dirs_exist_ok=True)
         blob.update(row=label, record={**blob["record"], "row": label}, reused_from=str(src.resolve()),
-                    artifacts={s: os.path.relpath(artifact(cfg, s).path, root) for s in plan(cfg)})
-        atomic_write_text(dst, json.dumps(blob, indent=1, default=str))
+                    artifacts={s: os.path.relpath(artifact(rows[label], s).path, root) for s in plan(rows[label])})
+        _copy_row(src, root, label, json.dumps(blob, indent=1, default=str))
         reused[label] = src.stem
     return reused
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmvae_study.report.tsne import load_latents, pca_points, reference_labels, select
+from dmvae_study.report.tsne import LATENT_FILES, load_latents, pca_points, reference_labels, select
 
 ARCHIVE_POINTS = 1000  # points per t-SNE set kept in the archive (the report's default `--max-points`)
 GRID_FILES = ("samples.png", "reconstructions.png")
@@ -54,7 +54,7 @@ def tsne_inputs(artifacts: dict[str, Path]) -> dict[str, Any]:
     from dmvae_study.reference import ReferenceSet
     arrays: dict[str, Any] = {}
     lat = artifacts.get("latents")
-    p = None if lat is None else next((lat / f for f in ("index.json", "latents.pt") if (lat / f).exists()), None)
+    p = None if lat is None else next((lat / f for f in LATENT_FILES if (lat / f).exists()), None)
     if p is not None:
         z, y = load_latents(p)
         arrays |= _subsample("latents", z, y, "class")

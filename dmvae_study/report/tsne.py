@@ -18,6 +18,7 @@ from dmvae_study.store import load_torch
 TSNE_PANEL_IN = 3.4         # inches per t-SNE panel (square)
 TSNE_LEGEND_IN = 0.7        # inches of the shared class legend under the t-SNE grid
 TSNE_PCA_DIM = 50           # usual t-SNE preprocessing: PCA to 50 dims first
+LATENT_FILES = ("index.json", "latents.pt")  # the latent cache's entry file: sharded, or an older single file
 BIG_LATENTS_BYTES = 512 << 20  # above this, latents are memory-mapped instead of checksum-verified
 
 
@@ -140,7 +141,7 @@ def _class_names(study: Study) -> Sequence[str] | None:
 
 
 def _latent_file(r: StudyRow) -> Path | None:
-    return r.artifact("latents", "index.json") or r.artifact("latents", "latents.pt")
+    return next((p for f in LATENT_FILES if (p := r.artifact("latents", f)) is not None), None)
 
 
 def _has_latents(r: StudyRow) -> bool:
