@@ -29,7 +29,17 @@ terms' weights) shifts every trial of a prior by the same constant and leaves th
 exchange rate between the two has to be invented. A trial stopped on it is one that is worse on the
 product than most weights seen at the same DMD step: it lost on both axes, or lost much more on one
 than it gained on the other. The extremes of the grid are what ASHA prunes first, by design of the cost
-control; pass `--no-asha` (or a larger `--budget`) to run every weight in full.
+control; pass `--no-asha` (or a larger `--budget`) to run every weight in full. That includes the
+low-weight end, where PSNR is highest, which the matched table below may need: on the mini preset the
+first rung (DMD step 100 of 600) stopped DM weight 0.3 against weight 1 on an SWD 1.5% higher and a
+reconstruction loss 0.3% lower, so the mini frontier is measured with `--no-asha` (README).
+
+Smoothing (`--signal-window K`, default 3): a rung compares the mean signal of each row's last K DMD
+reports (K x `run.log_every` steps), not the last report alone. One report's SWD comes from a single batch
+(the batch's latents against as many reference samples), and it moves by 15-30% between consecutive
+reports of one trial (mini study, sub_dino-s0, DMD steps 300-600: 0.219, 0.282, 0.238, 0.294), more than
+weights a factor 3 apart differ early on. Every row of a group is compared at the same step over the same
+window. The window restarts when a driver restarts (it lives in the scheduler).
 
 Grouping: ASHA compares trials of the same prior and seed only (one ASHA per (prior, seed),
 `PerPriorASHA`). Across priors the signal is not comparable (each SWD is measured in its own reference
@@ -60,7 +70,6 @@ next to the cost of every trial in full. Writes frontier.{csv,parquet,md,tex} an
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -72,47 +81,18 @@ if __package__ in (None, ""):
 import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from dmvae_study.asha import (RUNGS, SIGNAL_WINDOW, TIME_ATTR, ashas_rungs, grace_period, rung_steps,  # noqa: F401
+                               signal, windowed)
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
 from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, reuse_text, split_list,
                             stopped_record)
+from studies.frontier_budget import Costs, Grid, choose_grid, knob_values, trial_costs
 from studies.trials import run_study
-from studies.frontier_budget import RUNGS, Costs, Grid, choose_grid, knob_values, trial_costs
 
-TIME_ATTR = "dmd/step"
-SIGNAL = "frontier/signal"     # computed by the scheduler from the DMD report (not reported by the stage)
+SIGNAL = "frontier/signal"     # computed by the scheduler from the DMD reports (not reported by the stage)
 
 
-# ---- the ASHA signal and scheduler --------------------------------------------------------------------
-
-def signal(result: dict[str, Any]) -> float | None:
-    """`log(dmd/loss/rec) + log(dmd/match/swd)` of one DMD report (lower is better); None when the result
-    is not a DMD report or a factor is missing or not positive."""
-    rec, swd = result.get("dmd/loss/rec"), result.get("dmd/match/swd")
-    if TIME_ATTR not in result or rec is None or swd is None or not rec > 0 or not swd > 0:
-        return None
-    return math.log(rec) + math.log(swd)
-
-
-def grace_period(total_steps: int, eta: float, rungs: int = RUNGS) -> int:
-    """First rung: `T / eta^(rungs-1)` DMD steps (rounded down, so ASHA builds all `rungs` rungs and the last
-    sits at, or just before, `T`: the end of DMD)."""
-    g = max(1, int(total_steps / eta ** (rungs - 1)))
-    while g > 1 and ashas_rungs(total_steps, g, eta) < rungs:
-        g -= 1
-    return g
-
-
-def ashas_rungs(max_t: int, grace: int, eta: float) -> int:
-    """How many rungs `ASHAScheduler(max_t, grace_period, reduction_factor)` builds (its own formula)."""
-    import numpy as np
-    return int(np.log(max_t / grace) / np.log(eta) + 1)
-
-
-def rung_steps(total_steps: int, eta: float, rungs: int = RUNGS) -> list[int]:
-    """The DMD steps at which ASHA decides."""
-    g = grace_period(total_steps, eta, rungs)
-    return [int(g * eta ** k) for k in range(min(rungs, ashas_rungs(total_steps, g, eta)))]
-
+# ---- the scheduler ----------------------------------------------------------------------------------------
 
 class PerPriorASHA(FIFOScheduler):
     """One `ASHAScheduler` per group (a prior and a seed) on `SIGNAL` over `TIME_ATTR`; rows without a
@@ -123,11 +103,12 @@ class PerPriorASHA(FIFOScheduler):
     `info`: row label -> `{"prior", "seed", "artifacts", "knob", "weight"}` for the stopped record."""
 
     def __init__(self, groups: dict[str, Any], max_t: dict[str, int], eta: float, root: str | Path,
-                 info: dict[str, dict[str, Any]], rungs: int = RUNGS):
+                 info: dict[str, dict[str, Any]], rungs: int = RUNGS, window: int = SIGNAL_WINDOW):
         super().__init__()  # metric stays None: Tune then does not demand the signal in every result
-        self.groups, self.max_t, self.eta, self.rungs = groups, max_t, eta, rungs
+        self.groups, self.max_t, self.eta, self.rungs, self.window = groups, max_t, eta, rungs, window
         self.root, self.info = Path(root), info
         self._asha: dict[Any, ASHAScheduler] = {}
+        self._history: dict[str, list[float]] = {}  # row label -> its raw signals, in report order
         self.stopped: dict[str, dict[str, Any]] = {}
 
     def _sub(self, trial) -> ASHAScheduler | None:
@@ -142,17 +123,24 @@ class PerPriorASHA(FIFOScheduler):
                                             reduction_factor=self.eta, stop_last_trials=False)
         return self._asha[key]
 
-    @staticmethod
-    def _with_signal(result: dict[str, Any]) -> dict[str, Any] | None:
+    def _with_signal(self, label: str, result: dict[str, Any], record: bool = True) -> dict[str, Any] | None:
+        """`result` with `SIGNAL`: the mean raw signal of this row's last `window` DMD reports (this one
+        included; `record=False` reads without appending, for a final result already seen)."""
         s = signal(result)
-        return None if s is None else {**result, SIGNAL: s}
+        if s is None:
+            return None
+        hist = self._history.setdefault(label, [])
+        if record:
+            hist.append(s)
+        return {**result, SIGNAL: windowed(hist or [s], self.window), SIGNAL + "_raw": s}
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if (sub := self._sub(trial)) is not None:
             sub.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        sub, res = self._sub(trial), self._with_signal(result)
+        sub = self._sub(trial)
+        res = None if sub is None else self._with_signal(trial.config["row"], result)
         if sub is None or res is None:
             return TrialScheduler.CONTINUE
         action = sub.on_trial_result(tune_controller, trial, res)
@@ -163,7 +151,7 @@ class PerPriorASHA(FIFOScheduler):
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         sub = self._sub(trial)
         if sub is not None and trial.trial_id in sub._trial_info:
-            res = self._with_signal(result)
+            res = self._with_signal(trial.config["row"], result, record=False)
             if res is None:
                 sub.on_trial_remove(tune_controller, trial)
             else:
@@ -182,6 +170,7 @@ class PerPriorASHA(FIFOScheduler):
         record = {"row": label, "prior": info.get("prior"), "seed": info.get("seed"), "status": "stopped",
                   "dm_weight": info.get("weight") if info.get("knob") == "dm" else None,
                   "stopped_at_step": int(res[TIME_ATTR]), "signal": float(res[SIGNAL]),
+                  "signal_last_report": float(res[SIGNAL + "_raw"]), "signal_window": self.window,
                   "matching_swd": res.get("dmd/match/swd"), "dmd_loss_rec": res.get("dmd/loss/rec")}
         self.stopped[label] = record
         blob = {"row": label, "prior": info.get("prior"), "seed": info.get("seed"), "record": record,
@@ -201,7 +190,8 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     return vals
 
 
-def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None, reps: dict[str, Any]) -> str:
+def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None, reps: dict[str, Any],
+              window: int = SIGNAL_WINDOW) -> str:
     """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row."""
     from dmvae_study.cost import dry_run_report
     first = next(iter(rows.values()))
@@ -209,7 +199,8 @@ def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | No
     lines = [f"frontier plan: {len(rows)} trial(s); DM weights {', '.join(f'{w:g}' for w in grid.weights)}"]
     if grid.eta:
         marks = rung_steps(t, grid.eta)
-        lines.append(f"ASHA per (prior, seed): time {TIME_ATTR}, signal log(loss/rec) + log(match/swd) (min), "
+        lines.append(f"ASHA per (prior, seed): time {TIME_ATTR}, signal log(loss/rec) + log(match/swd) (min, "
+                     f"mean of the last {window} report(s)), "
                      f"reduction factor {grid.eta:g}, rungs at DMD steps {', '.join(map(str, marks))} of {t}; "
                      f"baselines are never stopped")
     else:
@@ -250,7 +241,11 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
                    "3, or chosen by --budget)")
     p.add_argument("--no-asha", action="store_true", help="no early stopping: every trial runs in full")
     p.add_argument("--rerun-stopped", action="store_true", help="run rows ASHA stopped in an earlier run again")
+    p.add_argument("--signal-window", type=int, default=SIGNAL_WINDOW, metavar="K", help="ASHA compares the mean "
+                   f"signal of each row's last K DMD reports (default {SIGNAL_WINDOW}; 1: the last report alone)")
     args = p.parse_args(argv)
+    if args.signal_window < 1:
+        raise UserError(f"--signal-window {args.signal_window}: must be >= 1, e.g. {SIGNAL_WINDOW}")
     rows = split_list(args.priors, "--priors")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -281,7 +276,7 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
                  for r in rows for v in knob_values(r, grid.weights, base, explicit)}
     if args.dry_run:
         planned = resolve_rows(base, grid_rows, seeds, weights=False)
-        print(plan_text(planned, grid, costs, args.budget, reps))
+        print(plan_text(planned, grid, costs, args.budget, reps, args.signal_window))
         if args.reuse:
             print(reuse_text(args.reuse, planned) + " (the estimates above count every trial)")
         return None
@@ -300,7 +295,7 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
         groups = {label: None if c.prior.name in BASELINE_KNOB else (c.prior.name, c.run.seed)
                   for label, c in study.rows.items()}
         scheduler = PerPriorASHA(groups, {k: c.dmd.total_steps for k, c in study.rows.items()}, grid.eta,
-                                 study.root, info)
+                                 study.root, info, window=args.signal_window)
     stopped = [k for k in study.rows if stopped_record(study.root, k)]
     if stopped:
         print(f"note: {len(stopped)} row(s) were stopped by ASHA in an earlier run and are not run again "

@@ -14,6 +14,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from dmvae_study.asha import RUNGS
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of
 from studies.common import UserError
 
@@ -23,7 +24,6 @@ DM_REFERENCE = 10.0            # the paper's weight for data-derived priors: bas
 CANDIDATE_POINTS = (12, 10, 8, 6, 5, 4, 3)
 CANDIDATE_ETAS = (2.0, 3.0, 4.0)
 DEFAULT_ETA = 3.0
-RUNGS = 3
 
 
 # ---- the grid ----------------------------------------------------------------------------------------

@@ -131,6 +131,77 @@ def test_scheduler_groups_by_prior_and_seed():
     assert s.metric is None  # Tune's strict metric check must not demand the signal in every result
 
 
+@pytest.mark.parametrize("window, expected", [(1, "CONTINUE"), (2, "STOP")])
+def test_rungs_compare_the_mean_signal_of_the_last_reports(tmp_path, window, expected):
+    """Rungs at DMD steps 10, 30, 90; two reports per row before the first rung. w=3 is worse than w=1 on
+    the mean of its two reports (log signals 3 and 0.5: mean 1.75 > 1) but better on the last one alone: a
+    window of 2 stops it, a window of 1 keeps it. The stopped marker records both signals."""
+    import json
+
+    from ray.tune.schedulers import TrialScheduler
+
+    class T:
+        def __init__(self, row):
+            self.config, self.trial_id = {"row": row}, row
+
+    groups = {"a@dm=1": ("a", 0), "a@dm=3": ("a", 0)}
+    (tmp_path / "rows").mkdir()
+    s = fs.PerPriorASHA(groups, {k: 90 for k in groups}, 3.0, tmp_path, {}, window=window)
+    res = lambda step, log_swd: {"dmd/step": step, "dmd/loss/rec": 1.0, "dmd/match/swd": math.exp(log_swd)}
+    for row in groups:
+        s.on_trial_add(None, T(row))
+    assert fs.rung_steps(90, 3.0) == [10, 30, 90]
+    assert s.on_trial_result(None, T("a@dm=1"), res(5, 1.0)) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, T("a@dm=3"), res(5, 3.0)) == TrialScheduler.CONTINUE  # before the first rung
+    assert s.on_trial_result(None, T("a@dm=1"), res(10, 1.0)) == TrialScheduler.CONTINUE  # first at the rung
+    assert s.on_trial_result(None, T("a@dm=3"), res(10, 0.5)) == getattr(TrialScheduler, expected)
+    if expected == "STOP":
+        rec = json.loads((tmp_path / "rows" / "a@dm=3.stopped.json").read_text())["record"]
+        assert rec["signal"] == pytest.approx(1.75) and rec["signal_last_report"] == pytest.approx(0.5)
+        assert rec["signal_window"] == 2 and rec["stopped_at_step"] == 10
+
+
+def test_replay_keeps_what_the_rungs_keep(tmp_path):
+    """T 40, eta 2: rungs at 10, 20, 40, cutoff the median. Rung 10: a 1, b 0.5, c 2 -> a, b go on. Rung 20:
+    on the last report a 1 < b 1.2 (a goes on); on the mean of two b (0.5 + 1.2) / 2 = 0.85 < a 1 (b goes on).
+    The report's replay reads the same curves from the rows' archives."""
+    from dmvae_study import asha
+    logs = {"a": [1.0, 1.0, 1.0, 1.0], "b": [0.5, 1.2, 1.2, 1.2], "c": [2.0, 2.0, 2.0, 2.0]}
+    curves = {r: [{"dmd/step": 10 * (i + 1), "dmd/loss/rec": 1.0, "dmd/match/swd": math.exp(v)}
+                  for i, v in enumerate(vals)] for r, vals in logs.items()}
+    assert asha.rung_steps(40, 2.0) == [10, 20, 40]
+    for window, winner in ((1, "a"), (2, "b")):
+        lines = asha.replay(curves, 40, 2.0, window)
+        first = lines[lines["rung"] == 10].set_index("row")
+        assert first["kept"].to_dict() == {"a": True, "b": True, "c": False}
+        assert first.loc["a", "cutoff"] == pytest.approx(1.0)
+        second = lines[lines["rung"] == 20].set_index("row")
+        assert second["kept"].to_dict() == {"a": winner == "a", "b": winner == "b"}
+        assert second.loc["b", "value"] == pytest.approx(1.2 if window == 1 else 0.85)
+        assert lines[lines["rung"] == 40]["row"].tolist() == [winner]
+    # the Ray rule it mirrors: keep iff -value >= the (1 - 1/eta) quantile of the negated values
+    vals = [0.3, 1.7, 0.9, 2.2, 1.1]
+    assert asha.cutoff(vals, 3.0) == pytest.approx(-np.percentile([-v for v in vals], (1 - 1 / 3) * 100))
+
+    import json
+    rows = []
+    for i, (r, vals) in enumerate(logs.items()):
+        label = f"dinov2@dm={[1, 3, 10][i]}-s0"
+        (tmp_path / "rows" / label / "curves").mkdir(parents=True)
+        jsonl = [{"stage": "dmd", "step": 10 * (k + 1), "loss/rec": 1.0, "match/swd": math.exp(v)}
+                 for k, v in enumerate(vals)]
+        (tmp_path / "rows" / label / "curves" / "dmd.jsonl").write_text("\n".join(map(json.dumps, jsonl)))
+        rows.append({"row": label, "seed": 0, "status": "ok", "gfid": [7.0, 5.0, 9.0][i], "psnr": 20.0})
+    got = fr.asha_replay(tmp_path, fr.frontier_frame(pd.DataFrame(rows)), 2.0, (1, 2))
+    last = got[got["rung"] == 40]
+    assert last.set_index("window")["weight"].to_dict() == {1: 1.0, 2: 3.0}
+    text = "\n".join(fr.replay_text(got, pd.DataFrame({"prior": ["dinov2"], "weight": [3.0]}), 2.0))
+    assert "window 1: 3 weights replayed, kept through the last rung (step 40): 1; best gFID of this seed at " \
+           "weight 3 (stopped); matched pick 3 (stopped)" in text
+    assert "window 2: 3 weights replayed, kept through the last rung (step 40): 3; best gFID of this seed at " \
+           "weight 3 (kept); matched pick 3 (kept)" in text
+
+
 def test_signal():
     assert fs.signal({"dmd/step": 10, "dmd/loss/rec": 2.0, "dmd/match/swd": 3.0}) == pytest.approx(math.log(6.0))
     assert fs.signal({"dmd/step": 10, "dmd/loss/rec": 0.0, "dmd/match/swd": 3.0}) is None
@@ -191,6 +262,7 @@ def test_report_files(tmp_path):
         assert (out / f).stat().st_size > 0, f
     m = pd.read_csv(out / "matched.csv").set_index("prior")
     assert m.loc["dinov2", "weight"] == 10.0  # the smoke preset's default kl_weight 1e-6 sets the floor
+    assert "nothing to replay" in page.read_text()  # no archived DMD curves in a bare frontier.csv
     assert fr.main([str(tmp_path / "nothing")]) == 2
 
 
@@ -258,3 +330,5 @@ def test_bad_flags(tmp_path):
         fs.frontier(base + ["--weight-range", "100,0.3"])
     with pytest.raises(UserError, match="reduction-factor"):
         fs.frontier(base + ["--reduction-factor", "1"])
+    with pytest.raises(UserError, match="--signal-window 0: must be >= 1"):
+        fs.frontier(base + ["--signal-window", "0"])

@@ -18,7 +18,11 @@ this report reads the rows back and writes into `<study>/report/`:
 - `frontier_pareto.png`: every prior's Pareto front in one plot;
 - `matched.csv` / `matched.md`: every prior's best gFID subject to mean PSNR >= the beta-VAE baseline's
   mean PSNR (at its default KL weight, else the nearest swept one) minus `--psnr-margin` dB (default 1),
-  with the intervals; a prior with no weight meeting the constraint is listed with none.
+  with the intervals; a prior with no weight meeting the constraint is listed with none;
+- `asha_replay.csv`: the study's early-stopping rule replayed on the DMD curves of rows that ran in full
+  (`--no-asha`): which weights ASHA would have kept at each rung, with the signal averaged over the last
+  report and over the last three (`dmvae_study.asha.replay`), and whether the kept weights include each
+  seed's best-gFID weight and the matched table's pick.
 
 Rows are labelled `<prior>@<knob>=<value>` (seeds: `-s<seed>`); `row_label` / `parse_label` are the
 one definition of that format (the study writes it, the report reads it).
@@ -223,6 +227,63 @@ def plot_pareto(summary: pd.DataFrame, path: Path, floor: float = math.nan) -> P
     return _save(fig, path)
 
 
+# ---- ASHA replay -----------------------------------------------------------------------------------------
+
+def asha_replay(root: Path, df: pd.DataFrame, eta: float = 3.0, windows: tuple[int, ...] = (1, 3)) -> pd.DataFrame:
+    """The frontier study's early-stopping rule (`dmvae_study.asha.replay`) applied afterwards to the rows
+    that ran in full: per (prior, seed) with at least two finished rows whose DMD curve is archived
+    (`rows/<row>/curves/dmd.jsonl`), for each signal window, what ASHA would have kept at each rung, next
+    to the row's final gFID and PSNR. Rows without an archived DMD curve (e.g. a Table 1 row taken by
+    `--reuse` from a study archived before curves were) are left out. Empty when no group qualifies."""
+    from dmvae_study.asha import dmd_reports, replay
+    ok = df[(df["status"] == "ok") & (df["knob"] == "dm")]
+    out = []
+    for (prior, seed), g in ok.groupby(["prior", "seed"], sort=True):
+        curves = {}
+        for row in g["row"]:
+            f = root / "rows" / str(row) / "curves" / "dmd.jsonl"
+            if f.is_file() and (reps := dmd_reports(f)):
+                curves[str(row)] = reps
+        if len(curves) < 2:
+            continue
+        total = max(r[-1]["dmd/step"] for r in curves.values())
+        final = g.set_index("row")
+        for w in windows:
+            lines = replay(curves, total, eta, w)
+            if lines.empty:
+                continue
+            lines.insert(0, "window", w)
+            lines.insert(0, "seed", seed)
+            lines.insert(0, "prior", prior)
+            lines["weight"] = [final.loc[r, "weight"] for r in lines["row"]]
+            lines["gfid"] = [final.loc[r, "gfid"] for r in lines["row"]]
+            lines["psnr"] = [final.loc[r, "psnr"] for r in lines["row"]]
+            out.append(lines)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def replay_text(lines: pd.DataFrame, matched: pd.DataFrame, eta: float) -> list[str]:
+    """Per (prior, seed, window): the weights that pass every rung, against this seed's best-gFID weight
+    and the matched table's pick for the prior."""
+    if lines.empty:
+        return ["No (prior, seed) has two finished rows with an archived DMD curve: nothing to replay."]
+    pick = dict(zip(matched["prior"], matched["weight"])) if len(matched) else {}
+    text = []
+    for (prior, seed, w), g in lines.groupby(["prior", "seed", "window"], sort=True):
+        last = g[g["rung"] == g["rung"].max()]
+        kept = sorted(last.loc[last["kept"], "weight"])
+        first = g[g["rung"] == g["rung"].min()]
+        best = first.loc[first["gfid"].idxmin(), "weight"]
+        mp = pick.get(prior)
+        text.append(f"- {prior}, seed {seed}, window {w}: {len(first)} weights replayed, kept through the last rung "
+                    f"(step {int(last['step'].max())}): {', '.join(f'{k:g}' for k in kept) or 'none'}; "
+                    f"best gFID of this seed at weight {best:g} ({'kept' if best in kept else 'stopped'})"
+                    + ("" if mp is None or pd.isna(mp) else
+                       f"; matched pick {mp:g} ({'kept' if mp in kept else 'stopped'})"))
+    return [f"Synchronous successive halving with ASHA's rungs and cutoff (eta {eta:g}) on the DMD curves of rows "
+            f"that ran in full (`dmvae_study.asha.replay`; live, asynchronous ASHA keeps at least these):", ""] + text
+
+
 # ---- the report -----------------------------------------------------------------------------------------
 
 def load_frontier_table(root: Path) -> pd.DataFrame:
@@ -239,7 +300,8 @@ def default_reference_weight(root: Path) -> float | None:
 
 
 def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, psnr_margin: float = 1.0,
-                   reference: str = PSNR_REFERENCE, reference_weight: float | None = None) -> Path:
+                   reference: str = PSNR_REFERENCE, reference_weight: float | None = None,
+                   replay_eta: float = 3.0) -> Path:
     """Write the frontier tables and figures into `out_dir` (default `<results_dir>/report/`); returns the
     path of `frontier.md`, the page that links them."""
     from dmvae_study.report.tables import markdown_table
@@ -259,6 +321,8 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     caption = (f"Matched comparison: each row's best mean gFID subject to {why}. Cells: mean [95% interval of "
                f"the mean over seeds, Student t].")
     atomic_write_text(out / "matched.md", f"{caption}\n\n{shown}\n")
+    replayed = asha_replay(root, frontier_frame(table), replay_eta)
+    atomic_write_text(out / "asha_replay.csv", replayed.to_csv(index=False))
     plot_tradeoff(summary, out / "frontier_tradeoff.png")
     plot_pareto(summary, out / "frontier_pareto.png", floor)
     stopped = int(summary["stopped"].sum())
@@ -267,7 +331,9 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
             "## Trade-off per prior", "", "![trade-off](frontier_tradeoff.png)", "",
             "## Pareto fronts", "", "![pareto](frontier_pareto.png)", "",
             (f"{len(summary)} points, {int((summary['n'] > 0).sum())} with a finished seed; {stopped} trial(s) "
-             f"stopped early by ASHA (not in the means).")]
+             f"stopped early by ASHA (not in the means)."), "",
+            "## ASHA replay", ""] + replay_text(replayed, matched, replay_eta) + [
+            "", "File: [asha_replay.csv](asha_replay.csv)"]
     return atomic_write_text(out / "frontier.md", "\n".join(page) + "\n")
 
 
@@ -281,17 +347,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default=PSNR_REFERENCE, help="row whose mean PSNR sets the floor (default vae)")
     ap.add_argument("--reference-weight", type=float, default=None,
                     help="its knob value (default: the preset's baseline.kl_weight, else the middle swept value)")
+    ap.add_argument("--replay-eta", type=float, default=3.0,
+                    help="ASHA replay on rows that ran in full: its reduction factor (default 3, the study's)")
     args = ap.parse_args(argv)
+    if args.replay_eta <= 1:
+        ap.error(f"--replay-eta {args.replay_eta:g}: must be > 1, e.g. 3")
     try:
-        path = build_frontier(args.results_dir, args.out, args.psnr_margin, args.reference, args.reference_weight)
+        path = build_frontier(args.results_dir, args.out, args.psnr_margin, args.reference, args.reference_weight,
+                              args.replay_eta)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}, matched.csv/.md, frontier_summary.csv, frontier_tradeoff.png, frontier_pareto.png")
+    print(f"wrote {path}, matched.csv/.md, frontier_summary.csv, asha_replay.csv, frontier_tradeoff.png, "
+          f"frontier_pareto.png")
     return 0
 
 
-__all__ = ["BASELINE_KNOB", "KNOBS", "build_frontier", "display_matched", "frontier_frame", "knob_of",
+__all__ = ["BASELINE_KNOB", "KNOBS", "asha_replay", "build_frontier", "display_matched", "frontier_frame", "knob_of",
            "matched_table", "parse_label", "plot_pareto", "plot_tradeoff", "psnr_floor", "row_label", "summarise"]
 
 
