@@ -86,7 +86,8 @@ from dmvae_study.asha import (RUNGS, SIGNAL_WINDOW, TIME_ATTR, ashas_rungs, grac
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
 from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, reuse_text, split_list,
                             stopped_record)
-from studies.frontier_budget import Costs, Grid, choose_grid, knob_values, trial_costs
+from studies.frontier_budget import (Costs, Grid, choose_grid, expected_hours, knob_values, measured_costs,
+                                     trial_costs)
 from studies.trials import run_study
 
 SIGNAL = "frontier/signal"     # computed by the scheduler from the DMD reports (not reported by the stage)
@@ -190,8 +191,28 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     return vals
 
 
+def finished_manifests(dirs: list[str]) -> list[Path]:
+    """The finished rows' manifests in `--reuse` / `--merge` folders (not the failed or stopped ones)."""
+    from studies.common import _rows_dir
+    return [m for d in dirs for m in sorted(_rows_dir("--reuse/--merge", d).glob("*.json"))
+            if not m.name.endswith((".failed.json", ".stopped.json"))]
+
+
+def measured_text(used: dict[tuple[str, str], tuple[float, int]], model_note: str | None) -> str | None:
+    """`--dry-run`'s lines on the measured stage costs (None when nothing was measured)."""
+    if not used:
+        return None
+    by_row: dict[str, list[str]] = {}
+    for (row, stage), (h, n) in used.items():
+        by_row.setdefault(row, []).append(f"{stage} {h:.3g} ({n})")
+    return ("costs measured by finished rows of --reuse / --merge (median stage wall time x the trial's cores or "
+            "GPUs, over rows with the same stage FLOPs; count in brackets; unmeasured stages and shared work "
+            "from the FLOP model):\n" + "\n".join(f"  {row}: {', '.join(v)}" for row, v in by_row.items())
+            + (f"\n{model_note}" if model_note else ""))
+
+
 def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None, reps: dict[str, Any],
-              window: int = SIGNAL_WINDOW) -> str:
+              window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
     """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row."""
     from dmvae_study.cost import dry_run_report
     first = next(iter(rows.values()))
@@ -213,6 +234,8 @@ def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | No
     lines.append(f"estimated cost ({costs.unit}): shared work {costs.shared:.3g}; every trial in full "
                  f"{grid.full:.3g}; with ASHA (expected, a floor) {grid.expected:.3g}"
                  + (f"; budget {budget:g}" if budget is not None else ""))
+    if measured:
+        lines.append(measured)
     lines.append("stage plan of one trial per row (dmvae_study.cost; the knob value changes no cost; artifact "
                  "names after the teacher differ per value):")
     lines.append(dry_run_report(reps))
@@ -268,7 +291,8 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
                             f"--weights / --kl-weights / --vf-weights")
     seeds = split_list(args.seeds, "--seeds", int)
     reps = {r: resolve(apply_overrides(base, {"prior.name": r})) for r in rows}
-    costs = trial_costs(reps)
+    model = trial_costs(reps)
+    costs, used = measured_costs(model, reps, finished_manifests(args.reuse + args.merge))
     grid = choose_grid(costs, len(seeds or [0]), args.budget, _floats(args.weights, "--weights"), args.points,
                        args.reduction_factor, (rng[0], rng[1]), asha=not args.no_asha)
     explicit = {"kl": _floats(args.kl_weights, "--kl-weights"), "vf": _floats(args.vf_weights, "--vf-weights")}
@@ -276,7 +300,11 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
                  for r in rows for v in knob_values(r, grid.weights, base, explicit)}
     if args.dry_run:
         planned = resolve_rows(base, grid_rows, seeds, weights=False)
-        print(plan_text(planned, grid, costs, args.budget, reps, args.signal_window))
+        n_seeds = len(seeds or [0])
+        model_note = (f"the FLOP model alone (dmvae_study.cost) says: every trial in full "
+                      f"{expected_hours(model, len(grid.weights), None, n_seeds):.3g}, with ASHA "
+                      f"{expected_hours(model, len(grid.weights), grid.eta, n_seeds):.3g}") if used else None
+        print(plan_text(planned, grid, costs, args.budget, reps, args.signal_window, measured_text(used, model_note)))
         if args.reuse:
             print(reuse_text(args.reuse, planned) + " (the estimates above count every trial)")
         return None

@@ -101,6 +101,63 @@ def trial_costs(reps: dict[str, Any]) -> Costs:
     return out
 
 
+def trial_resources(cfg: Any) -> float:
+    """What one trial of `cfg` holds while it runs, in the budget's unit per hour: its GPUs (`run.use_gpu`),
+    else its CPU cores (the threads its workers run, or the CPUs they reserve, at least one each)."""
+    r = cfg.run
+    return float(r.num_workers) * (1.0 if r.use_gpu else float(r.threads or max(1, round(r.cpus_per_worker))))
+
+
+def measured_costs(model: Costs, reps: dict[str, Any], manifests: list[Path]) -> tuple[Costs, dict[str, Any]]:
+    """`model` with each trial stage replaced by what finished rows measured: per stage of each planned row,
+    the median over `manifests` (finished rows, e.g. of `--reuse` / `--merge` folders) of the stage's
+    `summaries.<stage>.wall_s` x the row's `trial_resources`, over rows whose stage has the planned stage's
+    FLOP count (the same work at the same sizes; a stage of 0 s, taken from the store, is not a measurement).
+    A stage without a measurement keeps the model's value; shared work stays modelled. Returns the costs and
+    `{(row, stage): (median hours, rows)}` of the stages that were measured."""
+    import json
+    import statistics
+
+    from dmvae_study.config import ExperimentConfig
+    from dmvae_study.cost import hours, stage_cost
+    from dmvae_study.pipeline import plan
+    seen: list[tuple[ExperimentConfig, dict[str, Any]]] = []
+    for m in manifests:
+        try:
+            blob = json.loads(m.read_text())
+            seen.append((ExperimentConfig.from_dict(blob["config"]), blob.get("summaries") or {}))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a finished row of this version's schema: no measurement
+    flops: dict[tuple[int, str], float] = {}
+
+    def cost_of(cfg: ExperimentConfig, stage: str) -> float:
+        key = (id(cfg), stage)
+        if key not in flops:
+            flops[key] = stage_cost(cfg, stage)["flops"]
+        return flops[key]
+
+    used: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def stage_hours(row: str, rep: Any, stage: str) -> float:
+        target = cost_of(rep, stage)
+        vals = [float(summ[stage]["wall_s"]) / 3600.0 * trial_resources(cfg) for cfg, summ in seen
+                if float((summ.get(stage) or {}).get("wall_s") or 0.0) > 0.0
+                and math.isclose(cost_of(cfg, stage), target, rel_tol=1e-9)]
+        if not vals:
+            return hours(target, rep.run.use_gpu)
+        used[(row, stage)] = (statistics.median(vals), len(vals))
+        return used[(row, stage)][0]
+
+    out = Costs(unit=model.unit, shared=model.shared)
+    for row, cfg in reps.items():
+        if row in BASELINE_KNOB:
+            out.baseline[row] = sum(stage_hours(row, cfg, st) for st in plan(cfg))
+        else:
+            out.dmd[row] = stage_hours(row, cfg, "dmd")
+            out.post[row] = sum(stage_hours(row, cfg, st) for st in ("refine", "latents", "generator", "eval"))
+    return out, used
+
+
 def dmd_trial_equivalents(n: int, eta: float, rungs: int = RUNGS) -> tuple[float, float]:
     """(full-DMD equivalents, trials past the last rung) of one group of `n` weights under synchronous
     successive halving with rungs at T/eta^(rungs-1), ..., T and at least one trial past every rung."""

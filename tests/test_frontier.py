@@ -310,6 +310,37 @@ def test_grid_and_budget_rule():
             assert len(steps) == 3 and steps[-1] <= t and steps[-1] > t / eta
 
 
+def test_measured_costs_take_the_median_of_rows_doing_the_same_work(tmp_path):
+    """A stage's measured cost: the median wall time x cores over finished rows whose stage has the planned
+    FLOP count; a row at other sizes (more DMD and refinement steps) and a stage taken from the store (0 s) do not count;
+    an unmeasured stage keeps the FLOP model's value."""
+    import json
+
+    from dmvae_study.configlib import apply_overrides
+    from dmvae_study.cost import hours, stage_cost
+    from dmvae_study.pipeline import resolve
+    from dmvae_study.presets import preset
+    rep = resolve(apply_overrides(preset("smoke"), {"prior.name": "dinov2", "run.cpus_per_worker": 2.0}))
+    model = fb.trial_costs({"dinov2": rep})
+    longer = resolve(apply_overrides(preset("smoke"), {"prior.name": "gaussian", "dmd.total_steps": 99,
+                                                          "refine.total_steps": 3}))
+    rows = [(rep, {"dmd": 1800.0, "refine": 0.0}), (rep, {"dmd": 3600.0}), (rep, {"dmd": 5400.0}),
+            (longer, {"dmd": 1e6, "refine": 1e6})]
+    paths = []
+    for i, (cfg, walls) in enumerate(rows):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"config": cfg.to_dict(),
+                                         "summaries": {k: {"wall_s": v} for k, v in walls.items()}}))
+    (tmp_path / "bad.json").write_text("{}")
+    costs, used = fb.measured_costs(model, {"dinov2": rep}, paths + [tmp_path / "bad.json"])
+    assert fb.trial_resources(rep) == 2.0
+    assert costs.dmd["dinov2"] == pytest.approx(2 * 3600.0 / 3600.0)  # median 3600 s x 2 cores
+    assert used == {("dinov2", "dmd"): (pytest.approx(2.0), 3)}
+    assert costs.post["dinov2"] == pytest.approx(model.post["dinov2"])  # refine's 0 s is no measurement
+    assert costs.shared == model.shared
+    assert model.dmd["dinov2"] == pytest.approx(hours(stage_cost(rep, "dmd")["flops"], False))
+
+
 def test_dm_weight_is_not_in_the_shared_stages_keys():
     """Weights reuse the tokenizer, reference set and teacher; DMD and everything after differ."""
     from dmvae_study.presets import preset
