@@ -56,7 +56,11 @@ is not run again on resume (`--rerun-stopped` does).
 Cost control (`--budget HOURS`, in H100-hours when `run.use_gpu`, else CPU core-hours:
 `dmvae_study.cost.hours`). Costs come from `dmvae_study.cost.stage_cost` (counted FLOPs): shared work
 `S` (tokenizer, references, teachers not yet finished), per prior trial its DMD `D` and what follows
-`P` (refine, latents, generator, eval), per baseline trial its whole pipeline `B`. With `n` weights,
+`P` (refine, latents, generator, eval), per baseline trial its whole pipeline `B`. When the `--reuse` /
+`--merge` folders hold finished rows, a trial stage's cost is what they measured instead
+(`frontier_budget.measured_costs`: the median stage wall time x the trial's cores or GPUs, over rows whose
+stage does the same FLOPs); on the mini preset here that is 2-3x the FLOP model's (`--dry-run` prints both:
+69.8 vs 37.2 core-h for four rows x six weights x three seeds in full). With `n` weights,
 `eta` and 3 rungs, a (prior, seed) group is expected to cost (synchronous successive halving, at least one
 trial past every rung) `D * (n / eta^2 + max(1, n / eta) * (1/eta - 1/eta^2) + max(1, n / eta^2) *
 (1 - 1/eta)) + P * max(1, n / eta^3)`, and the study `S + seeds * (sum over priors + n * sum of B)`.
