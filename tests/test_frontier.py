@@ -276,6 +276,10 @@ def test_dry_run_prints_the_plan_and_cost_without_ray(tmp_path, capsys):
         assert f"dinov2@dm={w}-s1" in out
     assert "vae@kl=1e-06-s0" in out and "baseline.kl_weight=1e-06" in out  # the default sits at DM weight 10
     assert "reduction factor 3" in out and "CPU core-hours" in out and " core-h " in out  # cost.dry_run_report
+    # weight 0 is the no-DM control (the joint stage trains on reconstruction alone): a point like any other
+    fs.frontier(["--preset", "smoke", "--out", str(tmp_path), "--priors", "dinov2", "--dry-run", "--weights", "0,1"])
+    out = capsys.readouterr().out
+    assert "dinov2@dm=0 " in out and "dmd.dm_weight=0" in out and "DM weights 0, 1" in out
 
 
 def test_grid_and_budget_rule():
