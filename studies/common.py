@@ -247,17 +247,21 @@ def merge_parts(dirs: list[str], root: Path) -> None:
                 _copy_row(m, root, m.stem, m.read_text())
 
 
+def finished_manifests(dirs: list[str], flag: str = "--reuse") -> list[Path]:
+    """The manifests of the rows that finished in `dirs` (folders of rows/*.json; not the failed or stopped
+    ones), folder by folder in name order."""
+    return [m for d in dirs for m in sorted(_rows_dir(flag, d).glob("*.json"))
+            if not m.name.endswith((".failed.json", ".stopped.json"))]
+
+
 def reusable(dirs: list[str], rows: dict[str, ExperimentConfig]) -> dict[str, Path]:
     """Row label -> the finished manifest in `dirs` with the same evaluation artifact (its key chains every
     stage's config and the seed: the same computation)."""
     found: dict[str, Path] = {}  # eval artifact folder name -> manifest
-    for d in dirs:
-        for m in sorted(_rows_dir("--reuse", d).glob("*.json")):
-            if m.name.endswith((".failed.json", ".stopped.json")):
-                continue
-            blob = json.loads(m.read_text())
-            if blob.get("record") and blob.get("artifacts", {}).get("eval"):
-                found.setdefault(Path(blob["artifacts"]["eval"]).name, m)
+    for m in finished_manifests(dirs):
+        blob = json.loads(m.read_text())
+        if blob.get("record") and blob.get("artifacts", {}).get("eval"):
+            found.setdefault(Path(blob["artifacts"]["eval"]).name, m)
     return {label: found[k] for label, cfg in rows.items() if (k := artifact(cfg, "eval").path.name) in found}
 
 

@@ -88,8 +88,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from dmvae_study.asha import (RUNGS, SIGNAL_WINDOW, TIME_ATTR, ashas_rungs, grace_period, rung_steps,  # noqa: F401
                                signal, windowed)
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
-from studies.common import (UserError, base_config, cli, parser, prepare, resolve_rows, reuse_text, split_list,
-                            stopped_record)
+from studies.common import (UserError, base_config, cli, parser, finished_manifests, prepare, resolve_rows,
+                            reuse_text, split_list, stopped_record)
 from studies.frontier_budget import (Costs, Grid, choose_grid, expected_hours, knob_values, measured_costs,
                                      trial_costs)
 from studies.trials import run_study
@@ -195,13 +195,6 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     return vals
 
 
-def finished_manifests(dirs: list[str]) -> list[Path]:
-    """The finished rows' manifests in `--reuse` / `--merge` folders (not the failed or stopped ones)."""
-    from studies.common import _rows_dir
-    return [m for d in dirs for m in sorted(_rows_dir("--reuse/--merge", d).glob("*.json"))
-            if not m.name.endswith((".failed.json", ".stopped.json"))]
-
-
 def measured_text(used: dict[tuple[str, str], tuple[float, int]], model_note: str | None) -> str | None:
     """`--dry-run`'s lines on the measured stage costs (None when nothing was measured)."""
     if not used:
@@ -296,7 +289,7 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
     seeds = split_list(args.seeds, "--seeds", int)
     reps = {r: resolve(apply_overrides(base, {"prior.name": r})) for r in rows}
     model = trial_costs(reps)
-    costs, used = measured_costs(model, reps, finished_manifests(args.reuse + args.merge))
+    costs, used = measured_costs(model, reps, finished_manifests(args.reuse + args.merge, "--reuse/--merge"))
     grid = choose_grid(costs, len(seeds or [0]), args.budget, _floats(args.weights, "--weights"), args.points,
                        args.reduction_factor, (rng[0], rng[1]), asha=not args.no_asha)
     explicit = {"kl": _floats(args.kl_weights, "--kl-weights"), "vf": _floats(args.vf_weights, "--vf-weights")}
