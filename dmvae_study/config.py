@@ -237,6 +237,9 @@ class RunConfig(Section):
     cpus_per_worker: float = field(0.9, doc="CPU reserved per Ray Train worker", rule=POSITIVE)
     threads: int = field(0, doc="torch intra-op threads per worker (0: the CPUs the worker reserves, at least 1)",
                          rule=NONNEG)
+    keep_freed_memory: bool = field(True, doc="glibc hosts: large CPU tensors from malloc's heap, freed memory kept "
+                                    "(mallopt), not a fresh zero-filled mmap per tensor per step; ~2x on the Lite0 "
+                                    "stages on CPU for ~20% more peak RSS (BENCHMARKS.md); no effect on results")
     max_concurrent_trials: int = field(0, doc="Tune concurrency (0: every row at once, the cluster queues)",
                                        rule=NONNEG)
     max_failures: int = field(2, doc="restarts of a stage after a worker loss (Ray FailureConfig)", rule=NONNEG)

@@ -169,3 +169,11 @@ def test_bench_scaling_two_ray_workers(monkeypatch):
     solo, multi = _check_rows(blob, 2, "scaling")
     assert multi["batch"] == 2 * solo["batch"]
     assert multi["extra"]["speedup_vs_1w_1thr"] > 0
+
+
+def test_bench_malloc_runs_both_allocators(capsys):
+    """Two batches of 2 per allocator: both child processes run and print their row, in order."""
+    from benchmarks import bench_malloc
+    bench_malloc.main(["--modes", "infer", "--batches", "2", "--batch", "2", "--repeats", "1"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "infer" in r]
+    assert [r.split("|")[1].strip() for r in rows] == ["glibc default", "kept"]
