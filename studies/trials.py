@@ -26,18 +26,23 @@ from dmvae_study.store import atomic_write_text
 from studies.common import Study, done_records, stopped_record
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, keep_freed_memory: bool = True) -> None:
     """Connect to a cluster, or start a local one (dashboard off, bound to loopback). Worker output
-    (one progress line per stage interval) reaches this console and `ray job logs`."""
+    (one progress line per stage interval) reaches this console and `ray job logs`. `keep_freed_memory`
+    (`run.keep_freed_memory`): the job's workers start with glibc's malloc keeping freed memory in one arena
+    (`trainers.common.MALLOC_ENV`: a stage runs in a worker thread, whose arena only the startup
+    environment can choose)."""
     import ray
     if ray.is_initialized():
         return
     from studies.resources import HEAD
+    from trainers.common import MALLOC_ENV
+    env = {"runtime_env": {"env_vars": dict(MALLOC_ENV)}} if keep_freed_memory else {}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **env)
     else:  # the local head also offers the `head` resource trial drivers reserve (studies/resources.py)
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True, resources={HEAD: 1},
-                 _temp_dir=os.environ.get("RAY_TMPDIR"))
+                 _temp_dir=os.environ.get("RAY_TMPDIR"), **env)
 
 
 def share_cpus(rows: dict[str, ExperimentConfig], multinode: bool) -> dict[str, ExperimentConfig]:
@@ -146,7 +151,7 @@ def run_study(study: Study, stem: str, caption: str, scheduler: Any = None,
                  study.args)
     frames = [pd.DataFrame.from_records(list(done.values()))] if done else []
     if todo.rows:
-        init_ray(study.args.address)
+        init_ray(study.args.address, all(c.run.keep_freed_memory for c in todo.rows.values()))
         if trainable is None:
             run_shared_work(todo)
         frames.append(run_tune(todo, scheduler=scheduler, trainable=trainable))

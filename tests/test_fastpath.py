@@ -213,17 +213,22 @@ def test_channels_last_decoder_same_curve():
 
 
 _FAULTS = """
-import resource, sys, torch
+import resource, sys, threading, torch
 from trainers.common import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-torch.manual_seed(0)
-x, total = torch.randn(64, 64, 64, 64), 0.0   # 64 MiB of activations, as in a Lite0 batch at 128 px
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(16):
-    y = torch.nn.functional.relu(x) * 2.0    # fresh 64 MiB tensors every "step", freed at the next
-    total += float(y[0].sum())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, total)
+def steps():
+    if sys.argv[1] != "default":
+        assert keep_freed_memory()
+    torch.manual_seed(0)
+    x, total = torch.randn(64, 64, 64, 64), 0.0   # 64 MiB of activations, as in a Lite0 batch at 128 px
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(16):
+        y = torch.nn.functional.relu(x) * 2.0    # fresh 64 MiB tensors every "step", freed at the next
+        total += float(y[0].sum())
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, total)
+if sys.argv[1] == "thread":                      # as a Ray worker runs a stage: in a thread of its own
+    t = threading.Thread(target=steps); t.start(); t.join()
+else:
+    steps()
 """
 
 
@@ -231,17 +236,26 @@ def test_keep_freed_memory_stops_the_per_step_page_faults():
     """`run.keep_freed_memory` (`trainers.common.keep_freed_memory`, glibc's mallopt): a tensor allocated and
     freed every step is zero-filled by the kernel page by page each time under the default allocator (one
     minor fault per 4 KiB page: 16k per 64 MiB tensor), once in all when freed memory is kept; the values
-    computed are the same."""
+    computed are the same. In a thread (how Ray runs a trial's stages) mallopt alone does not reach the
+    thread's own arena; the workers' startup environment `MALLOC_ENV` (one arena) does."""
+    import os
     import subprocess
     import sys
+    from trainers.common import MALLOC_ENV
     if not __import__("trainers.common", fromlist=["keep_freed_memory"]).keep_freed_memory():
         pytest.skip("not glibc: mallopt unavailable")
-    out = {m: subprocess.run([sys.executable, "-c", _FAULTS, m], capture_output=True, text=True, check=True)
-           .stdout.split() for m in ("default", "keep")}
+
+    def run(mode: str, env: dict | None = None) -> list[str]:
+        return subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                              env={**os.environ, **(env or {})}).stdout.split()
+    out = {"default": run("default"), "keep": run("keep"), "thread": run("thread"),
+           "thread, MALLOC_ENV": run("thread", MALLOC_ENV)}
     faults = {m: int(v[0]) for m, v in out.items()}
-    assert out["default"][1] == out["keep"][1]
-    assert faults["default"] > 16 * 10_000, faults          # every step faults its tensor in again
+    assert len({v[1] for v in out.values()}) == 1, out      # the same values under every allocator setting
+    assert faults["default"] > 16 * 10_000, faults          # every step faults its tensors in again
     assert faults["keep"] < faults["default"] / 4, faults    # only the first touch of the heap
+    assert faults["thread"] > faults["default"] / 2, faults  # mallopt alone: a thread's arena still mmaps
+    assert faults["thread, MALLOC_ENV"] < faults["default"] / 4, faults
 
 
 def test_stage_context_applies_keep_freed_memory(monkeypatch):

@@ -73,7 +73,8 @@ def tiny_row(config: dict) -> None:
     t0 = time.time()
     cfg = ExperimentConfig.from_dict(config["rows"][config["row"]])
     tune.report({"row": config["row"], "seed": cfg.run.seed, "wall_s": time.time() - t0, "status": "ok",
-                 "trial_rss_mib": _rss_mib(os.getpid()), "row_done": 1})
+                 "trial_rss_mib": _rss_mib(os.getpid()), "row_done": 1,
+                 "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset")})
 
 
 @pytest.mark.slow
@@ -126,6 +127,7 @@ def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, re
 
     assert len(df) == TRIALS and sorted(df["seed"]) == list(range(TRIALS)), "trials lost or duplicated"
     assert concurrency >= 2  # 8 on 2 cores at a quarter CPU per trial
+    assert set(df["malloc_arena_max"]) == {"1"}  # run.keep_freed_memory reaches the trial processes (MALLOC_ENV)
     assert not webui, f"local Ray exposes a dashboard at {webui}"  # security: dashboard off (bound to loopback)
     # Bounded memory: the driver grows by little over 40 trials; the cluster stays far below the box's 24 GiB.
     assert sampler.driver_peak - rss0 < 1024 or peak_driver < 2048, figures

@@ -371,6 +371,10 @@ def test_local_ray_dashboard_is_off_and_bound_to_loopback(monkeypatch):
     kw = calls[0]
     assert kw.get("include_dashboard") is False and kw.get("dashboard_host") == "127.0.0.1"
     assert "address" not in kw and kw.get("_temp_dir") == "/tmp/ray-rel-unused"
+    from trainers.common import MALLOC_ENV            # run.keep_freed_memory: the workers' startup environment
+    assert kw["runtime_env"] == {"env_vars": MALLOC_ENV} and MALLOC_ENV["MALLOC_ARENA_MAX"] == "1"
+    init_ray(None, keep_freed_memory=False)
+    assert "runtime_env" not in calls[1]
 
 
 CREDENTIAL_PATTERNS = {

@@ -226,7 +226,15 @@ class StageContext:
             dist.barrier()
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc <malloc.h>
+MMAP_THRESHOLD, TRIM_THRESHOLD = 1 << 30, (1 << 31) - 1
+# The same settings for a process yet to start (glibc reads them at startup; Ray workers get them through the
+# job's runtime_env, `studies.trials.init_ray`). One arena: a thread's allocations come from the main heap
+# too. Ray runs a trial's stages in a thread of its worker (Tune's RunnerThread), and a thread's own arena
+# is a set of 64 MiB heaps that cannot hold Lite0's larger activations: those are mmapped whatever the
+# threshold. glibc picks a thread's arena at its first allocation, so this cannot be set later from inside.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+              "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 @functools.cache
@@ -237,15 +245,18 @@ def keep_freed_memory() -> bool:
     page by page by the kernel on first touch and unmapped on free, once per step: in the Lite0 stages of the
     mini preset (activations of 64 x 128 px images) that was 60% of the process's CPU time in the kernel
     (~400k page faults/s), and keeping the memory halves the step time (BENCHMARKS.md, "Page faults").
-    Nothing computed changes. The same as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:trim_threshold=...`
-    but set at run time, so the driver and every Ray worker get it without an environment to pass. Returns
-    whether glibc accepted both settings (False on other C libraries: nothing is changed there). Idempotent."""
+    Nothing computed changes. The same as the `MALLOC_*` environment of a new process (`MALLOC_ENV`), but
+    set at run time. That covers allocations of the main thread (the driver's shared stages, a stage run
+    without Ray) and of threads started later; a thread that already had its own arena keeps mmapping its
+    large tensors, which is why Ray workers also start with `MALLOC_ENV` (one arena). Returns whether glibc
+    accepted the settings (False on other C libraries: nothing is changed there). Idempotent."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return all(bool(mallopt(opt, v)) for opt, v in
+               ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_ARENA_MAX, 1)))
 
 
 def worker_threads(cfg: ExperimentConfig) -> int:
