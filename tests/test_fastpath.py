@@ -220,8 +220,9 @@ def steps():
         assert keep_freed_memory()
     torch.manual_seed(0)
     x, total = torch.randn(64, 64, 64, 64), 0.0   # 64 MiB of activations, as in a Lite0 batch at 128 px
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(16):
+    for step in range(20):
+        if step == 4:                            # past the heap's first growth: count the steady state
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         y = torch.nn.functional.relu(x) * 2.0    # fresh 64 MiB tensors every "step", freed at the next
         total += float(y[0].sum())
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, total)
@@ -235,8 +236,8 @@ else:
 def test_keep_freed_memory_stops_the_per_step_page_faults():
     """`run.keep_freed_memory` (`trainers.common.keep_freed_memory`, glibc's mallopt): a tensor allocated and
     freed every step is zero-filled by the kernel page by page each time under the default allocator (one
-    minor fault per 4 KiB page: 16k per 64 MiB tensor), once in all when freed memory is kept; the values
-    computed are the same. In a thread (how Ray runs a trial's stages) mallopt alone does not reach the
+    minor fault per 4 KiB page: 16k per 64 MiB tensor), not at all once the heap has grown (counted from the
+    fifth step) when freed memory is kept; the values computed are the same. In a thread (how Ray runs a trial's stages) mallopt alone does not reach the
     thread's own arena; the workers' startup environment `MALLOC_ENV` (one arena) does."""
     import os
     import subprocess
@@ -253,9 +254,9 @@ def test_keep_freed_memory_stops_the_per_step_page_faults():
     faults = {m: int(v[0]) for m, v in out.items()}
     assert len({v[1] for v in out.values()}) == 1, out      # the same values under every allocator setting
     assert faults["default"] > 16 * 10_000, faults          # every step faults its tensors in again
-    assert faults["keep"] < faults["default"] / 4, faults    # only the first touch of the heap
+    assert faults["keep"] < faults["default"] / 10, faults   # the heap, once grown, is reused
     assert faults["thread"] > faults["default"] / 2, faults  # mallopt alone: a thread's arena still mmaps
-    assert faults["thread, MALLOC_ENV"] < faults["default"] / 4, faults
+    assert faults["thread, MALLOC_ENV"] < faults["default"] / 10, faults
 
 
 def test_stage_context_applies_keep_freed_memory(monkeypatch):
