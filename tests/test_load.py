@@ -79,7 +79,7 @@ def tiny_row(config: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_forty_trial_study_completes_in_bounded_memory(tmp_path, monkeypatch, record_property):
     import ray
 
