@@ -59,8 +59,9 @@ Cost control (`--budget HOURS`, in H100-hours when `run.use_gpu`, else CPU core-
 `P` (refine, latents, generator, eval), per baseline trial its whole pipeline `B`. When the `--reuse` /
 `--merge` folders hold finished rows, a trial stage's cost is what they measured instead
 (`frontier_budget.measured_costs`: the median stage wall time x the trial's cores or GPUs, over rows whose
-stage does the same FLOPs); on the mini preset here that is 2-3x the FLOP model's (`--dry-run` prints both:
-69.8 vs 37.2 core-h for four rows x six weights x three seeds in full). With `n` weights,
+stage does the same FLOPs, preferring rows run under the planned `run.keep_freed_memory`). `--dry-run` prints
+both; on the mini preset with the committed rows they agree in total (37.4 core-h for the default plan in full)
+but not per stage: stage 2 measures 1.8x the model, the beta-VAE tokenizer 0.45x. With `n` weights,
 `eta` and 3 rungs, a (prior, seed) group is expected to cost (synchronous successive halving, at least one
 trial past every rung) `D * (n / eta^2 + max(1, n / eta) * (1/eta - 1/eta^2) + max(1, n / eta^2) *
 (1 - 1/eta)) + P * max(1, n / eta^3)`, and the study `S + seeds * (sum over priors + n * sum of B)`.
@@ -203,7 +204,8 @@ def measured_text(used: dict[tuple[str, str], tuple[float, int]], model_note: st
     for (row, stage), (h, n) in used.items():
         by_row.setdefault(row, []).append(f"{stage} {h:.3g} ({n})")
     return ("costs measured by finished rows of --reuse / --merge (median stage wall time x the trial's cores or "
-            "GPUs, over rows with the same stage FLOPs; count in brackets; unmeasured stages and shared work "
+            "GPUs, over rows with the same stage FLOPs, those run under the planned run.keep_freed_memory where any; "
+            "count in brackets; unmeasured stages and shared work "
             "from the FLOP model):\n" + "\n".join(f"  {row}: {', '.join(v)}" for row, v in by_row.items())
             + (f"\n{model_note}" if model_note else ""))
 

@@ -113,20 +113,24 @@ def measured_costs(model: Costs, reps: dict[str, Any], manifests: list[Path]) ->
     the median over `manifests` (finished rows, e.g. of `--reuse` / `--merge` folders) of the stage's
     `summaries.<stage>.wall_s` x the row's `trial_resources`, over rows whose stage has the planned stage's
     FLOP count (the same work at the same sizes; a stage of 0 s, taken from the store, is not a measurement).
-    A stage without a measurement keeps the model's value; shared work stays modelled. Returns the costs and
-    `{(row, stage): (median hours, rows)}` of the stages that were measured."""
+    Rows measured under the planned `run.keep_freed_memory` are preferred when there are any: the allocator
+    setting halves a CPU trial's stages (BENCHMARKS.md), and a manifest written before the setting existed
+    (no such key) ran with glibc's default, i.e. off. A stage without a measurement keeps the model's value;
+    shared work stays modelled. Returns the costs and `{(row, stage): (median hours, rows)}` of the stages
+    that were measured."""
     import json
     import statistics
 
     from dmvae_study.config import ExperimentConfig
     from dmvae_study.cost import hours, stage_cost
     from dmvae_study.pipeline import plan
-    seen: list[tuple[ExperimentConfig, dict[str, Any]]] = []
+    seen: list[tuple[ExperimentConfig, dict[str, Any], bool]] = []
     for m in manifests:
         try:
             blob = json.loads(m.read_text())
-            seen.append((ExperimentConfig.from_dict(blob["config"]), blob.get("summaries") or {}))
-        except (ValueError, KeyError, TypeError):
+            kept = bool((blob["config"].get("run") or {}).get("keep_freed_memory", False))
+            seen.append((ExperimentConfig.from_dict(blob["config"]), blob.get("summaries") or {}, kept))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not a finished row of this version's schema: no measurement
     flops: dict[tuple[int, str], float] = {}
 
@@ -140,9 +144,11 @@ def measured_costs(model: Costs, reps: dict[str, Any], manifests: list[Path]) ->
 
     def stage_hours(row: str, rep: Any, stage: str) -> float:
         target = cost_of(rep, stage)
-        vals = [float(summ[stage]["wall_s"]) / 3600.0 * trial_resources(cfg) for cfg, summ in seen
+        same = [(cfg, summ, kept) for cfg, summ, kept in seen
                 if float((summ.get(stage) or {}).get("wall_s") or 0.0) > 0.0
                 and math.isclose(cost_of(cfg, stage), target, rel_tol=1e-9)]
+        alike = [r for r in same if r[2] == rep.run.keep_freed_memory]
+        vals = [float(summ[stage]["wall_s"]) / 3600.0 * trial_resources(cfg) for cfg, summ, _ in alike or same]
         if not vals:
             return hours(target, rep.run.use_gpu)
         used[(row, stage)] = (statistics.median(vals), len(vals))

@@ -345,6 +345,39 @@ def test_measured_costs_take_the_median_of_rows_doing_the_same_work(tmp_path):
     assert model.dmd["dinov2"] == pytest.approx(hours(stage_cost(rep, "dmd")["flops"], False))
 
 
+def test_measured_costs_prefer_rows_run_under_the_planned_allocator_setting(tmp_path):
+    """Rows written before `run.keep_freed_memory` existed (no key: glibc's default, off) measured a trial's
+    stages at about twice today's time; a plan with the setting on takes the median of the rows run with it,
+    a plan with it off the median of the others, and with no row of the planned setting every row counts."""
+    import json
+
+    from dmvae_study.configlib import apply_overrides
+    from dmvae_study.pipeline import resolve
+    from dmvae_study.presets import preset
+
+    def rep_with(keep: bool):
+        return resolve(apply_overrides(preset("smoke"), {"prior.name": "dinov2", "run.cpus_per_worker": 1.0,
+                                                          "run.keep_freed_memory": keep}))
+
+    def write(name: str, keep: bool | None, dmd_s: float):
+        blob = rep_with(bool(keep)).to_dict()
+        if keep is None:
+            del blob["run"]["keep_freed_memory"]
+        (tmp_path / name).write_text(json.dumps({"config": blob, "summaries": {"dmd": {"wall_s": dmd_s}}}))
+        return tmp_path / name
+
+    old = [write(f"old{i}.json", None, s) for i, s in enumerate((3600.0, 5400.0, 7200.0))]
+    new = [write(f"new{i}.json", True, s) for i, s in enumerate((1800.0, 2700.0))]
+    on, off = rep_with(True), rep_with(False)
+    model = fb.trial_costs({"dinov2": on})
+    costs, used = fb.measured_costs(model, {"dinov2": on}, old + new)
+    assert costs.dmd["dinov2"] == pytest.approx(2250.0 / 3600.0) and used[("dinov2", "dmd")][1] == 2
+    costs, used = fb.measured_costs(model, {"dinov2": off}, old + new)
+    assert costs.dmd["dinov2"] == pytest.approx(1.5) and used[("dinov2", "dmd")][1] == 3
+    costs, used = fb.measured_costs(model, {"dinov2": on}, old)
+    assert costs.dmd["dinov2"] == pytest.approx(1.5) and used[("dinov2", "dmd")][1] == 3
+
+
 def test_dm_weight_is_not_in_the_shared_stages_keys():
     """Weights reuse the tokenizer, reference set and teacher; DMD and everything after differ."""
     from dmvae_study.presets import preset
