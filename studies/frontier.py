@@ -55,7 +55,7 @@ is not run again on resume (`--rerun-stopped` does).
 
 Cost control (`--budget HOURS`, in H100-hours when `run.use_gpu`, else CPU core-hours:
 `dmvae_study.cost.hours`). Costs come from `dmvae_study.cost.stage_cost` (counted FLOPs): shared work
-`S` (tokenizer, references, teachers not yet finished), per prior trial its DMD `D` and what follows
+`S` (each planned seed's tokenizer, references and teachers not yet finished), per prior trial its DMD `D` and what follows
 `P` (refine, latents, generator, eval), per baseline trial its whole pipeline `B`. When the `--reuse` /
 `--merge` folders hold finished rows, a trial stage's cost is what they measured instead
 (`frontier_budget.measured_costs`: the median stage wall time x the trial's cores or GPUs, over rows whose
@@ -210,9 +210,10 @@ def measured_text(used: dict[tuple[str, str], tuple[float, int]], model_note: st
             + (f"\n{model_note}" if model_note else ""))
 
 
-def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None, reps: dict[str, Any],
-              window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
-    """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row."""
+def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None,
+              seed_reps: list[dict[str, Any]], window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
+    """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row and
+    planned seed (`seed_reps`: per seed, row -> config; shared work is per seed)."""
     from dmvae_study.cost import dry_run_report
     first = next(iter(rows.values()))
     t = first.dmd.total_steps
@@ -235,9 +236,9 @@ def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | No
                  + (f"; budget {budget:g}" if budget is not None else ""))
     if measured:
         lines.append(measured)
-    lines.append("stage plan of one trial per row (dmvae_study.cost; the knob value changes no cost; artifact "
-                 "names after the teacher differ per value):")
-    lines.append(dry_run_report(reps))
+    lines.append("stage plan of one trial per row and seed (dmvae_study.cost; the knob value changes no cost; "
+                 "artifact names after the teacher differ per value):")
+    lines.append(dry_run_report({f"{r}-s{c.run.seed}": c for reps in seed_reps for r, c in reps.items()}))
     return "\n".join(lines)
 
 
@@ -289,8 +290,10 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
             raise UserError(f"--set {o}: the frontier sweeps {o.split('=', 1)[0].strip()}; give its values with "
                             f"--weights / --kl-weights / --vf-weights")
     seeds = split_list(args.seeds, "--seeds", int)
-    reps = {r: resolve(apply_overrides(base, {"prior.name": r})) for r in rows}
-    model = trial_costs(reps)
+    seed_reps = [{r: resolve(apply_overrides(base, {"prior.name": r, "run.seed": s})) for r in rows}
+                 for s in seeds or [base.run.seed]]
+    reps = seed_reps[0]
+    model = trial_costs(reps, seed_reps)
     costs, used = measured_costs(model, reps, finished_manifests(args.reuse + args.merge, "--reuse/--merge"))
     grid = choose_grid(costs, len(seeds or [0]), args.budget, _floats(args.weights, "--weights"), args.points,
                        args.reduction_factor, (rng[0], rng[1]), asha=not args.no_asha)
@@ -303,7 +306,8 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
         model_note = (f"the FLOP model alone (dmvae_study.cost) says: every trial in full "
                       f"{expected_hours(model, len(grid.weights), None, n_seeds):.3g}, with ASHA "
                       f"{expected_hours(model, len(grid.weights), grid.eta, n_seeds):.3g}") if used else None
-        print(plan_text(planned, grid, costs, args.budget, reps, args.signal_window, measured_text(used, model_note)))
+        print(plan_text(planned, grid, costs, args.budget, seed_reps, args.signal_window,
+                        measured_text(used, model_note)))
         if args.reuse:
             print(reuse_text(args.reuse, planned) + " (the estimates above count every trial)")
         return None

@@ -69,8 +69,10 @@ class Costs:
     baseline: dict[str, float] = field(default_factory=dict)  # baseline row -> its whole pipeline
 
 
-def trial_costs(reps: dict[str, Any]) -> Costs:
-    """From one resolved config per row (`reps`: row -> config; the knob value changes no FLOP count)."""
+def trial_costs(reps: dict[str, Any], seed_reps: list[dict[str, Any]] | None = None) -> Costs:
+    """From one resolved config per row (`reps`: row -> config; the knob value changes no FLOP count). Shared
+    work (tokenizer, reference sets, teachers) is per seed: `seed_reps` holds one such dict per planned seed,
+    and every seed's unfinished shared stages are counted (default: `reps`' own seed alone)."""
     from dmvae_study.cost import hours, stage_cost
     from dmvae_study.pipeline import STAGES, artifact, plan
     first = next(iter(reps.values()))
@@ -89,12 +91,15 @@ def trial_costs(reps: dict[str, Any]) -> Costs:
             shared += 0.0 if art.done else h(cfg, stage)
 
     out = Costs(unit="H100-hours" if gpu else "CPU core-hours", shared=0.0)
+    for per_seed in seed_reps or [reps]:
+        for row, cfg in per_seed.items():
+            if row not in BASELINE_KNOB:
+                for st in ("tokenizer", "reference", "teacher"):
+                    visit(st, cfg)
     for row, cfg in reps.items():
         if row in BASELINE_KNOB:
             out.baseline[row] = sum(h(cfg, st) for st in plan(cfg))
             continue
-        for st in ("tokenizer", "reference", "teacher"):
-            visit(st, cfg)
         out.dmd[row] = h(cfg, "dmd")
         out.post[row] = sum(h(cfg, st) for st in ("refine", "latents", "generator", "eval"))
     out.shared = shared

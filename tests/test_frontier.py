@@ -400,3 +400,21 @@ def test_bad_flags(tmp_path):
         fs.frontier(base + ["--reduction-factor", "1"])
     with pytest.raises(UserError, match="--signal-window 0: must be >= 1"):
         fs.frontier(base + ["--signal-window", "0"])
+
+
+def test_dry_run_counts_every_planned_seeds_shared_work(tmp_path, capsys):
+    """Each seed trains its own tokenizer, reference sets and teachers: a plan over seeds 1 and 2 prices two
+    seeds' shared work and shows those seeds' stage plans, not the base config's seed 0 alone."""
+    def shared(seeds):
+        fs.frontier(["--preset", "smoke", "--out", str(tmp_path), "--priors", "dinov2,gaussian", "--dry-run",
+                     "--seeds", seeds, "--weights", "1,10"])
+        out = capsys.readouterr().out
+        return float(out.split("shared work ")[1].split(";")[0]), out
+    one, out1 = shared("1")
+    two, out2 = shared("1,2")
+    assert one > 0 and two == pytest.approx(2 * one, rel=1e-3)
+    assert "row dinov2-s1 (prior dinov2, seed 1)" in out1 and "seed 0" not in out1.split("stage plan")[1]
+    assert "row gaussian-s2 (prior gaussian, seed 2)" in out2
+    # the tokenizer is shared by the rows of one seed, not across seeds
+    plan2 = out2.split("stage plan")[1]
+    assert plan2.count("tokenizer  to train") == 2 and plan2.count("tokenizer  shared with a row above") == 2
