@@ -418,3 +418,20 @@ def test_dry_run_counts_every_planned_seeds_shared_work(tmp_path, capsys):
     # the tokenizer is shared by the rows of one seed, not across seeds
     plan2 = out2.split("stage plan")[1]
     assert plan2.count("tokenizer  to train") == 2 and plan2.count("tokenizer  shared with a row above") == 2
+
+
+def test_tradeoff_error_bars_are_one_standard_error_over_seeds():
+    """The plot's bars are std / sqrt(n) of each point's seeds (none for one seed), not the tables' 95% t
+    intervals, which for two seeds are 12.7 standard errors wide."""
+    g = pd.DataFrame({"n": [1, 2, 3], "gfid_std": [np.nan, 2.0, 3.0], "gfid_mean": [60.0, 62.0, 64.0],
+                      "gfid_lo": [np.nan, 0.0, 0.0], "gfid_hi": [np.nan, 99.0, 99.0]})
+    np.testing.assert_allclose(fr._err(g, "gfid"), [0.0, 2.0 / math.sqrt(2), 3.0 / math.sqrt(3)])
+    assert fr._err(g.iloc[:1], "gfid") is None
+    # through the report's own summary of per-seed rows, against scipy's standard error of the mean
+    seeds = {"dinov2@dm=1": [58.0, 61.0], "dinov2@dm=3": [60.0, 66.0, 63.5], "dinov2@dm=10": [65.0]}
+    table = pd.DataFrame([{"row": f"{p}-s{i}", "gfid": v, "psnr": 24.0 + i, "rfid": 50.0 + v / 10}
+                          for p, vs in seeds.items() for i, v in enumerate(vs)])
+    summary = fr.summarise(table)
+    got = dict(zip(summary["point"], fr._err(summary, "gfid")))
+    for p, vs in seeds.items():
+        assert got[p] == pytest.approx(sps.sem(vs) if len(vs) > 1 else 0.0), p

@@ -14,7 +14,8 @@ this report reads the rows back and writes into `<study>/report/`:
 - `frontier_summary.csv`: per (prior, knob value) the seeds, and mean, std and 95% Student-t interval of
   the mean of PSNR, rFID and gFID (`dmvae_study.report.stats.seed_summary`), and whether the point is on
   the prior's Pareto front (higher PSNR, lower gFID);
-- `frontier_tradeoff.png`: per prior, PSNR and rFID against gFID over the weights, with seed intervals;
+- `frontier_tradeoff.png`: per prior, PSNR and rFID against gFID over the weights, with +-1 standard error
+  over seeds as error bars (the tables keep the 95% intervals);
 - `frontier_pareto.png`: every prior's Pareto front in one plot;
 - `matched.csv` / `matched.md`: every prior's best gFID subject to mean PSNR >= the beta-VAE baseline's
   mean PSNR (at its default KL weight, else the nearest swept one) minus `--psnr-margin` dB (default 1),
@@ -166,11 +167,14 @@ def display_matched(matched: pd.DataFrame) -> pd.DataFrame:
 # ---- figures ---------------------------------------------------------------------------------------------
 
 def _err(g: pd.DataFrame, m: str) -> np.ndarray | None:
-    """Asymmetric error bars (2, n) from the interval columns; None when no point has an interval."""
-    lo, hi, mean = (g[f"{m}_{s}"].to_numpy(float) for s in ("lo", "hi", "mean"))
-    if np.isnan(lo).all():
+    """Error bars: +-1 standard error of the mean over seeds (std / sqrt(n)); none for a single seed, and None
+    when no point has two. Not the 95% intervals of the tables: with two seeds Student's t for one degree of
+    freedom (12.7) stretches those over the whole plot and hides every other point."""
+    std, n = g[f"{m}_std"].to_numpy(float), g["n"].to_numpy(float)
+    se = std / np.sqrt(np.maximum(n, 1.0))
+    if np.isnan(se).all():
         return None
-    return np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0)
+    return np.nan_to_num(se, nan=0.0)
 
 
 def _save(fig, path: Path) -> Path:
@@ -181,7 +185,7 @@ def _save(fig, path: Path) -> Path:
 
 def plot_tradeoff(summary: pd.DataFrame, path: Path) -> Path:
     """Two panels, PSNR and rFID against gFID: one line per prior through its knob values (in weight
-    order, each point labelled with its value), seed intervals as error bars; baselines dashed."""
+    order, each point labelled with its value), +-1 standard error over seeds as error bars; baselines dashed."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11.0, 4.4))
     axes = fig.subplots(1, 2)
@@ -199,7 +203,7 @@ def plot_tradeoff(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)
     axes[0].set_title("reconstruction vs generation over the DM weight")
-    axes[1].set_title("(baselines: their own knob, dashed)")
+    axes[1].set_title("baselines dashed (own knob); bars: +-1 s.e. over seeds", fontsize=10)
     axes[1].legend(fontsize=7, loc="best")
     return _save(fig, path)
 
