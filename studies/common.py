@@ -221,7 +221,7 @@ def prepare(args: argparse.Namespace, name: str, rows: dict[str, dict[str, Any]]
     return Study(name, root, base, resolved, args)
 
 
-def _rows_dir(flag: str, d: str) -> Path:
+def rows_folder(flag: str, d: str) -> Path:
     src = Path(d).expanduser()
     src = src / "rows" if (src / "rows").is_dir() else src
     if not src.is_dir():
@@ -242,7 +242,7 @@ def merge_parts(dirs: list[str], root: Path) -> None:
     """Copy the row manifests of earlier parts, with their archives `rows/<row>/`, into this study's
     `rows/` (a row already there is kept); the archive first, so a copied manifest has its archive."""
     for d in dirs:
-        for m in sorted(_rows_dir("--merge", d).glob("*.json")):
+        for m in sorted(rows_folder("--merge", d).glob("*.json")):
             if not m.name.endswith(".failed.json") and not (root / "rows" / m.name).exists():
                 _copy_row(m, root, m.stem, m.read_text())
 
@@ -250,7 +250,7 @@ def merge_parts(dirs: list[str], root: Path) -> None:
 def finished_manifests(dirs: list[str], flag: str = "--reuse") -> list[Path]:
     """The manifests of the rows that finished in `dirs` (folders of rows/*.json; not the failed or stopped
     ones), folder by folder in name order."""
-    return [m for d in dirs for m in sorted(_rows_dir(flag, d).glob("*.json"))
+    return [m for d in dirs for m in sorted(rows_folder(flag, d).glob("*.json"))
             if not m.name.endswith((".failed.json", ".stopped.json"))]
 
 
@@ -292,18 +292,21 @@ def reuse_rows(dirs: list[str], root: Path, rows: dict[str, ExperimentConfig]) -
 def done_records(study: Study) -> dict[str, dict[str, Any]]:
     """Rows whose manifest holds a result of the same evaluation artifact (its key chains every stage's
     config and the seed): done, reported, not rerun, whether or not their store is still on disk."""
+    return done_in(study.root / "rows", study.rows)
+
+
+def done_in(rows_dir: Path, rows: dict[str, ExperimentConfig]) -> dict[str, dict[str, Any]]:
+    """`done_records` for a folder of row manifests: label -> record of `<label>.json`, else of
+    `<label>.stopped.json` (a scheduler stopped it early: a result too, status stopped), when it holds a
+    result of the row's evaluation artifact."""
     out = {}
-    for label, cfg in study.rows.items():
-        m = study.root / "rows" / f"{label}.json"
-        if m.exists():
-            blob = json.loads(m.read_text())
-            if blob.get("record") and Path(blob.get("artifacts", {}).get("eval", "")).name == \
-                    artifact(cfg, "eval").path.name:
+    for label, cfg in rows.items():
+        key = artifact(cfg, "eval").path.name
+        for m in (rows_dir / f"{label}.json", rows_dir / f"{label}.stopped.json"):
+            blob = json.loads(m.read_text()) if m.exists() else {}
+            if blob.get("record") and Path(blob.get("artifacts", {}).get("eval", "")).name == key:
                 out[label] = blob["record"]
-                continue
-        stopped = stopped_record(study.root, label)  # a scheduler stopped it early: a result too (status stopped)
-        if stopped and Path(stopped.get("artifacts", {}).get("eval", "")).name == artifact(cfg, "eval").path.name:
-            out[label] = stopped["record"]
+                break
     return out
 
 

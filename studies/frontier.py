@@ -91,7 +91,7 @@ from dmvae_study.asha import (RUNGS, SIGNAL_WINDOW, TIME_ATTR, ashas_rungs, grac
                                signal, windowed)
 from dmvae_study.report.frontier import BASELINE_KNOB, KNOBS, knob_of, row_label
 from studies.common import (UserError, base_config, cli, parser, finished_manifests, prepare, resolve_rows,
-                            reuse_text, split_list, stopped_record)
+                            done_in, reusable, rows_folder, split_list, stopped_record)
 from studies.frontier_budget import (Costs, Grid, choose_grid, expected_hours, knob_values, measured_costs,
                                      trial_costs)
 from studies.trials import run_study
@@ -211,6 +211,36 @@ def measured_text(used: dict[tuple[str, str], tuple[float, int]], model_note: st
             + (f"\n{model_note}" if model_note else ""))
 
 
+def finished_already(planned: dict[str, Any], root: Path, args: Any) -> dict[str, str]:
+    """Planned trials a run would not run (label -> where the result is): done or stopped in this study's
+    folder or a --merge part (by label, as `merge_parts` copies them; stopped rows count unless
+    --rerun-stopped), or the same computation finished in --reuse (by evaluation artifact)."""
+    done: dict[str, str] = {}
+    folders = ([root / "rows"] if (root / "rows").is_dir() else []) + [rows_folder("--merge", d) for d in args.merge]
+    for rows_dir in folders:
+        for label, record in done_in(rows_dir, planned).items():
+            if not (args.rerun_stopped and record.get("status") == "stopped"):
+                done.setdefault(label, str(rows_dir))
+    for label, m in reusable(args.reuse, planned).items():
+        done.setdefault(label, str(m))
+    return done
+
+
+def done_text(planned: dict[str, Any], costs: Costs, done: dict[str, str]) -> str:
+    """`--dry-run`'s lines on the trials already finished (`done`: label -> where; a run skips them) and the
+    cost of the rest."""
+    todo = [k for k in planned if k not in done]
+    full = costs.shared + sum(costs.baseline[c.prior.name] if c.prior.name in costs.baseline
+                              else costs.dmd[c.prior.name] + costs.post[c.prior.name]
+                              for c in (planned[k] for k in todo))
+    lines = [f"already finished (--merge / --reuse / this study's folder; not run again): {len(done)} of "
+             f"{len(planned)} trial(s)" + "".join(f"\n  {k}: {v}"
+                                                  for k, v in done.items())]
+    lines.append(f"still to run: {len(todo)} trial(s), ~{full:.3g} {costs.unit} in full with the shared work "
+                 f"(the estimates above count every planned trial)")
+    return "\n".join(lines)
+
+
 def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None,
               seed_reps: list[dict[str, Any]], window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
     """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row and
@@ -309,8 +339,7 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
                       f"{expected_hours(model, len(grid.weights), grid.eta, n_seeds):.3g}") if used else None
         print(plan_text(planned, grid, costs, args.budget, seed_reps, args.signal_window,
                         measured_text(used, model_note)))
-        if args.reuse:
-            print(reuse_text(args.reuse, planned) + " (the estimates above count every trial)")
+        print(done_text(planned, costs, finished_already(planned, Path(base.run.out_dir) / name, args)))
         return None
     study = prepare(args, name, grid_rows)
     if study is None:

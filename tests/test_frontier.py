@@ -47,7 +47,7 @@ def stub_trial(config):
     tune.report({**record, "row_done": 1})
 
 
-def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatch):
+def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatch, capsys):
     import ray
     import ray.cloudpickle
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stub travels to the trial by value
@@ -78,6 +78,16 @@ def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatc
     assert not ray.is_initialized()
     assert (root / "stub_calls.txt").read_text().split() == calls
     assert again.set_index("row")["status"].to_dict() == status
+    # --dry-run says the same before anything runs: what its folder or a --merge part holds is not run again
+    def dry(extra):
+        assert fs.frontier(argv + ["--dry-run"] + extra) is None
+        return capsys.readouterr().out
+    assert "not run again): 4 of 4 trial(s)" in dry([]) and "still to run: 0 trial(s)" in dry([])
+    out = dry(["--rerun-stopped"])
+    assert "2 of 4 trial(s)" in out and "still to run: 2 trial(s)" in out
+    out = dry(["--out", str(tmp_path / "elsewhere"), "--merge", str(root)])
+    assert "4 of 4 trial(s)" in out and "dinov2@dm=30: " in out and not (tmp_path / "elsewhere").exists()
+    assert "0 of 4 trial(s)" in dry(["--out", str(tmp_path / "elsewhere")])
 
     # another study whose finished rows are the same computations (here: Table 1's `dinov2` row at the same
     # weight, as committed under docs/): --reuse takes them under this study's labels, and nothing runs
