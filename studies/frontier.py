@@ -230,12 +230,9 @@ def done_text(planned: dict[str, Any], costs: Costs, done: dict[str, str]) -> st
     """`--dry-run`'s lines on the trials already finished (`done`: label -> where; a run skips them) and the
     cost of the rest."""
     todo = [k for k in planned if k not in done]
-    full = costs.shared + sum(costs.baseline[c.prior.name] if c.prior.name in costs.baseline
-                              else costs.dmd[c.prior.name] + costs.post[c.prior.name]
-                              for c in (planned[k] for k in todo))
+    full = costs.shared + sum(costs.full_trial(planned[k].prior.name) for k in todo)
     lines = [f"already finished (--merge / --reuse / this study's folder; not run again): {len(done)} of "
-             f"{len(planned)} trial(s)" + "".join(f"\n  {k}: {v}"
-                                                  for k, v in done.items())]
+             f"{len(planned)} trial(s)" + "".join(f"\n  {k}: {v}" for k, v in done.items())]
     lines.append(f"still to run: {len(todo)} trial(s), ~{full:.3g} {costs.unit} in full with the shared work "
                  f"(the estimates above count every planned trial)")
     return "\n".join(lines)

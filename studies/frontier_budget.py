@@ -68,6 +68,10 @@ class Costs:
     post: dict[str, float] = field(default_factory=dict)    # prior -> refine + latents + generator + eval
     baseline: dict[str, float] = field(default_factory=dict)  # baseline row -> its whole pipeline
 
+    def full_trial(self, row: str) -> float:
+        """One trial of `row` run in full: a baseline's whole pipeline, a prior's DMD and what follows."""
+        return self.baseline[row] if row in self.baseline else self.dmd[row] + self.post[row]
+
 
 def trial_costs(reps: dict[str, Any], seed_reps: list[dict[str, Any]] | None = None) -> Costs:
     """From one resolved config per row (`reps`: row -> config; the knob value changes no FLOP count). Shared
@@ -187,7 +191,7 @@ def expected_hours(costs: Costs, n: int, eta: float | None, seeds: int, rungs: i
     group = 0.0
     for prior in costs.dmd:
         if eta is None:
-            group += n * (costs.dmd[prior] + costs.post[prior])
+            group += n * costs.full_trial(prior)
         else:
             frac, survivors = dmd_trial_equivalents(n, eta, rungs)
             group += costs.dmd[prior] * frac + costs.post[prior] * survivors
