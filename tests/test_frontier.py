@@ -445,3 +445,43 @@ def test_tradeoff_error_bars_are_one_standard_error_over_seeds():
     got = dict(zip(summary["point"], fr._err(summary, "gfid")))
     for p, vs in seeds.items():
         assert got[p] == pytest.approx(sps.sem(vs) if len(vs) > 1 else 0.0), p
+
+
+def test_ranking_says_which_pairs_the_matched_table_orders_differently_from_the_heuristic(tmp_path):
+    """Semantic (data-derived: heuristic weight 10) is best at weight 1, which the heuristic never runs; the
+    Gaussian's heuristic point is its weight 1. Matched, semantic comes first; by the heuristic, the Gaussian:
+    the page names the swap and both gFID differences with Welch intervals (scipy's, independently)."""
+    seeds = {("dinov2", 10.0): ([10.0, 11.0, 12.5], 22.0), ("dinov2", 1.0): ([8.0, 9.0], 25.0),
+             ("gaussian", 1.0): ([9.5, 9.0, 9.7], 25.0), ("gaussian", 0.3): ([13.0], 26.0),
+             ("vae", 1e-6): ([20.0, 21.0, 19.0], 24.5)}
+    table = pd.DataFrame([{"row": f"{fr.row_label(p, w)}-s{i}", "prior": p, "seed": i, "gfid": g, "psnr": psnr,
+                           "rfid": 1.0, "status": "ok"}
+                          for (p, w), (gs, psnr) in seeds.items() for i, g in enumerate(gs)])
+    heuristic = fr.heuristic_weights(["dinov2", "gaussian", "vae"], {"vae": 1e-6})
+    assert heuristic == {"dinov2": 10.0, "gaussian": 1.0, "vae": 1e-6}
+    frame = fr.frontier_frame(table)
+    matched = fr.matched_table(fr.summarise(frame), 23.0)
+    assert list(matched["prior"]) == ["dinov2", "gaussian", "vae"] and matched["weight"].tolist()[:2] == [1.0, 1.0]
+    rk = fr.ranking(frame, matched, heuristic).set_index(["a", "b"])
+    assert rk["same_order"].tolist() == [False, True, True]  # (dinov2, gaussian), (dinov2, vae), (gaussian, vae)
+    r = rk.loc[("dinov2", "gaussian")]
+    for tag, x, y in (("m", [8.0, 9.0], [9.5, 9.0, 9.7]), ("h", [10.0, 11.0, 12.5], [9.5, 9.0, 9.7])):
+        ci = sps.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
+        assert r[f"{tag}_diff"] == pytest.approx(np.mean(x) - np.mean(y))
+        assert (r[f"{tag}_lo"], r[f"{tag}_hi"]) == pytest.approx((ci.low, ci.high))
+        assert r[f"{tag}_resolved"] == bool(ci.low > 0 or ci.high < 0)
+    lines = "\n".join(fr.ranking_text(rk.reset_index(), matched, frame, heuristic))
+    assert "**dinov2 and gaussian swap places.**" in lines and lines.count("swap places") == 1
+    assert "dinov2 @ 1 (8.5, 2 seeds), gaussian @ 1 (9.4, 3 seeds)" in lines
+    assert "gaussian @ 1 (9.4, 3 seeds), dinov2 @ 10 (11.2, 3 seeds)" in lines
+    # one seed on a side: a difference, no interval, never resolved
+    one = fr.ranking(frame, matched.assign(weight=[1.0, 0.3, 1e-6]), heuristic).set_index(["a", "b"])
+    assert one.loc[("dinov2", "gaussian"), "m_diff"] == pytest.approx(8.5 - 13.0)
+    assert math.isnan(one.loc[("dinov2", "gaussian"), "m_lo"]) and not one.loc[("dinov2", "gaussian"), "m_resolved"]
+    # through the report: ranking.csv and the page's section
+    root = tmp_path / "frontier-smoke"
+    root.mkdir()
+    table.to_csv(root / "frontier.csv", index=False)
+    page = fr.build_frontier(root, psnr_margin=1.5).read_text()  # floor 24.5 - 1.5 = 23
+    assert "**dinov2 and gaussian swap places.**" in page
+    assert len(pd.read_csv(root / "report" / "ranking.csv")) == 3

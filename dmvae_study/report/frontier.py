@@ -20,6 +20,11 @@ this report reads the rows back and writes into `<study>/report/`:
 - `matched.csv` / `matched.md`: every prior's best gFID subject to mean PSNR >= the beta-VAE baseline's
   mean PSNR (at its default KL weight, else the nearest swept one) minus `--psnr-margin` dB (default 1),
   with the intervals; a prior with no weight meeting the constraint is listed with none;
+- `ranking.csv`: the matched comparison against the heuristic one (Table 1's rule: DM weight 10 for
+  data-derived priors, 1 for synthetic ones, the baselines at the preset's own knob value): per pair of
+  rows, the gFID difference at the matched picks and at the heuristic points with Welch 95% intervals over
+  seeds, whether each is resolved (the interval excludes 0), and whether the two comparisons order the
+  pair the same way; the page says in words which pairs the fair comparison ranks differently;
 - `asha_replay.csv`: the study's early-stopping rule replayed on the DMD curves of rows that ran in full
   (`--no-asha`): which weights ASHA would have kept at each rung, with the signal averaged over the last
   report and over the last three (`dmvae_study.asha.replay`), and whether the kept weights include each
@@ -41,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dmvae_study.report.stats import base_row, seed_summary
+from dmvae_study.report.stats import base_row, seed_summary, welch
 from dmvae_study.store import atomic_write_bytes, atomic_write_text
 
 KNOBS: dict[str, str] = {  # short knob name -> the config field a frontier row sweeps
@@ -162,6 +167,112 @@ def display_matched(matched: pd.DataFrame) -> pd.DataFrame:
         "PSNR": [cell(r, "psnr") for _, r in matched.iterrows()],
         "rFID": [cell(r, "rfid") for _, r in matched.iterrows()],
         "feasible / finished": [f"{a} / {b}" for a, b in zip(matched["feasible"], matched["finished"])]})
+
+
+# ---- matched against the heuristic ----------------------------------------------------------------------
+
+def heuristic_weights(priors: list[str], baseline: dict[str, float] | None = None) -> dict[str, float | None]:
+    """Table 1's point of each row: a prior at `priors.DM_WEIGHT[kind]` (Sec. 4: 10 data-derived, 1
+    synthetic), a baseline at its knob's value in `baseline` (`{"vae": kl_weight, "vavae": vavae_weight}`,
+    the preset's defaults; None when not given). An unknown prior gets None."""
+    from priors import DM_WEIGHT, UnknownPriorError, get
+    out: dict[str, float | None] = {}
+    for p in priors:
+        if p in BASELINE_KNOB:
+            out[p] = (baseline or {}).get(p)
+            continue
+        try:
+            out[p] = DM_WEIGHT[get(p).kind]
+        except UnknownPriorError:
+            out[p] = None
+    return out
+
+
+def _point_values(df: pd.DataFrame, prior: str, weight: float | None, metric: str = "gfid") -> np.ndarray:
+    """The finished seeds' `metric` at one (prior, knob value); empty when none (or `weight` is None)."""
+    if weight is None or pd.isna(weight):
+        return np.array([])
+    g = df[(df["status"] == "ok") & (df["prior"] == prior) & np.isclose(df["weight"].astype(float), float(weight))]
+    return pd.to_numeric(g[metric], errors="coerce").dropna().to_numpy(float)
+
+
+def ranking(df: pd.DataFrame, matched: pd.DataFrame, heuristic: dict[str, float | None]) -> pd.DataFrame:
+    """Every pair (a, b) of rows the matched table picks a point for, a before b in matched order: gFID
+    mean(a) - mean(b) with its Welch 95% interval over seeds, at the matched picks (`m_*`) and at the
+    heuristic points (`h_*`, NaN when a row's heuristic point has no finished seed); `*_resolved` when the
+    interval excludes 0 (never with one seed on a side: no variance, no interval); `same_order` whether the
+    heuristic orders the pair as the matched table does (None when it cannot say)."""
+    df = frontier_frame(df) if "point" not in df else df
+    picked = matched[matched["weight"].notna()] if len(matched) else matched
+    records = []
+    for i in range(len(picked)):
+        for j in range(i + 1, len(picked)):
+            a, b = picked.iloc[i], picked.iloc[j]
+            rec: dict = {"a": a["prior"], "b": b["prior"]}
+            for tag, wa, wb in (("m", a["weight"], b["weight"]), ("h", heuristic.get(a["prior"]),
+                                                                   heuristic.get(b["prior"]))):
+                x, y = _point_values(df, a["prior"], wa), _point_values(df, b["prior"], wb)
+                diff, lo, hi = welch(x, y) if len(x) and len(y) else (math.nan, math.nan, math.nan)
+                rec.update({f"{tag}_weight_a": wa, f"{tag}_weight_b": wb, f"{tag}_seeds_a": len(x),
+                            f"{tag}_seeds_b": len(y), f"{tag}_gfid_a": float(x.mean()) if len(x) else math.nan,
+                            f"{tag}_gfid_b": float(y.mean()) if len(y) else math.nan, f"{tag}_diff": diff,
+                            f"{tag}_lo": lo, f"{tag}_hi": hi, f"{tag}_resolved": bool(lo > 0 or hi < 0)})
+            m, h = rec["m_diff"], rec["h_diff"]
+            rec["same_order"] = None if math.isnan(m) or math.isnan(h) or m == 0 or h == 0 else (m < 0) == (h < 0)
+            records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def _diff_text(r: pd.Series, tag: str) -> str:
+    """`-0.7 [-5.2, +3.8], not resolved` / `-0.7, one seed at dinov2 @ 1: no interval`."""
+    d = f"{r[f'{tag}_diff']:+.1f}"
+    if pd.isna(r[f"{tag}_lo"]):
+        thin = [f"{p} @ {r[f'{tag}_weight_{s}']:g}" for p, s in ((r["a"], "a"), (r["b"], "b"))
+                if r[f"{tag}_seeds_{s}"] < 2]
+        return f"{d}, one seed at {' and '.join(thin)}: no interval"
+    return (f"{d} [{r[f'{tag}_lo']:+.1f}, {r[f'{tag}_hi']:+.1f}], "
+            f"{'resolved' if r[f'{tag}_resolved'] else 'not resolved'}")
+
+
+def ranking_text(rk: pd.DataFrame, matched: pd.DataFrame, df: pd.DataFrame,
+                 heuristic: dict[str, float | None]) -> list[str]:
+    """The page's words: both orders, then each pair the fair comparison ranks differently from the
+    heuristic, with the gFID differences and whether the seeds resolve them; the pair table follows."""
+    df = frontier_frame(df) if "point" not in df else df
+    picked = matched[matched["weight"].notna()] if len(matched) else matched
+    if len(picked) < 2:
+        return ["Fewer than two rows have a matched pick: nothing to rank."]
+
+    def order(points: list[tuple[str, float | None]]) -> str:
+        vals = [(p, w, _point_values(df, p, w)) for p, w in points]
+        shown = sorted([(v.mean(), p, w, len(v)) for p, w, v in vals if len(v)])
+        missing = [p for p, w, v in vals if not len(v)]
+        return ", ".join(f"{p} @ {w:g} ({g:.1f}, {n} seed{'s' * (n != 1)})" for g, p, w, n in shown) + (
+            f"; no finished heuristic point for {', '.join(missing)}" if missing else "")
+
+    lines = [f"- Matched order (best mean gFID above the PSNR floor): "
+             f"{order([(r['prior'], r['weight']) for _, r in picked.iterrows()])}.",
+             f"- Heuristic order (Table 1's rule: DM weight 10 data-derived, 1 synthetic; baselines at the preset's "
+             f"value): {order([(p, heuristic.get(p)) for p in picked['prior']])}."]
+    flipped = rk[rk["same_order"] == False]  # noqa: E712  (None: cannot say)
+    if flipped.empty:
+        lines.append("- The two comparisons order every pair they can both rank the same way.")
+    for _, r in flipped.iterrows():
+        lines.append(f"- **{r['a']} and {r['b']} swap places.** Matched ({r['a']} @ {r['m_weight_a']:g} against "
+                     f"{r['b']} @ {r['m_weight_b']:g}), gFID difference {_diff_text(r, 'm')}; heuristic "
+                     f"({r['h_weight_a']:g} against {r['h_weight_b']:g}), {_diff_text(r, 'h')}.")
+    unranked = rk[rk["same_order"].isna()]
+    if len(unranked):
+        lines.append(f"- Not comparable under the heuristic (a point without a finished seed, or a tie): "
+                     f"{', '.join(f'{a}/{b}' for a, b in zip(unranked['a'], unranked['b']))}.")
+    table = pd.DataFrame({
+        "pair": [f"{a} - {b}" for a, b in zip(rk["a"], rk["b"])],
+        "matched gFID diff": [_diff_text(r, "m") for _, r in rk.iterrows()],
+        "heuristic gFID diff": ["–" if pd.isna(r["h_diff"]) else _diff_text(r, "h") for _, r in rk.iterrows()],
+        "same order": ["–" if v is None or pd.isna(v) else ("yes" if v else "**no**") for v in rk["same_order"]]})
+    from dmvae_study.report.tables import markdown_table
+    return lines + ["", "Per pair, mean gFID of the first minus the second (Welch 95% interval over seeds):", "",
+                    markdown_table(table)]
 
 
 # ---- figures ---------------------------------------------------------------------------------------------
@@ -296,11 +407,20 @@ def load_frontier_table(root: Path) -> pd.DataFrame:
     return load_study(root).table
 
 
-def default_reference_weight(root: Path) -> float | None:
-    """The beta-VAE's default KL weight: from the preset the study ran (`frontier-<preset>`), else None."""
+def baseline_defaults(root: Path) -> dict[str, float]:
+    """The baselines' default knob values (`{"vae": kl_weight, "vavae": vavae_weight}`) of the preset the
+    study ran (`frontier-<preset>`); empty when the folder name does not say."""
     from dmvae_study.presets import PRESETS, preset
     name = next((p for p in PRESETS if root.name.endswith(f"-{p}")), None)
-    return preset(name).baseline.kl_weight if name else None
+    if not name:
+        return {}
+    b = preset(name).baseline
+    return {"vae": b.kl_weight, "vavae": b.vavae_weight}
+
+
+def default_reference_weight(root: Path) -> float | None:
+    """The beta-VAE's default KL weight: from the preset the study ran (`frontier-<preset>`), else None."""
+    return baseline_defaults(root).get("vae")
 
 
 def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, psnr_margin: float = 1.0,
@@ -325,19 +445,25 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     caption = (f"Matched comparison: each row's best mean gFID subject to {why}. Cells: mean [95% interval of "
                f"the mean over seeds, Student t].")
     atomic_write_text(out / "matched.md", f"{caption}\n\n{shown}\n")
-    replayed = asha_replay(root, frontier_frame(table), replay_eta)
+    frame = frontier_frame(table)
+    heuristic = heuristic_weights(list(summary["prior"].unique()), baseline_defaults(root))
+    ranked = ranking(frame, matched, heuristic)
+    atomic_write_text(out / "ranking.csv", ranked.to_csv(index=False))
+    replayed = asha_replay(root, frame, replay_eta)
     atomic_write_text(out / "asha_replay.csv", replayed.to_csv(index=False))
     plot_tradeoff(summary, out / "frontier_tradeoff.png")
     plot_pareto(summary, out / "frontier_pareto.png", floor)
     stopped = int(summary["stopped"].sum())
     page = [f"# Frontier: {root.name}", "", "## Matched comparison", "", caption, "", shown, "",
             "Files: [matched.csv](matched.csv) · [frontier_summary.csv](frontier_summary.csv)", "",
-            "## Trade-off per prior", "", "![trade-off](frontier_tradeoff.png)", "",
-            "## Pareto fronts", "", "![pareto](frontier_pareto.png)", "",
-            (f"{len(summary)} points, {int((summary['n'] > 0).sum())} with a finished seed; {stopped} trial(s) "
-             f"stopped early by ASHA (not in the means)."), "",
-            "## ASHA replay", ""] + replay_text(replayed, matched, replay_eta) + [
-            "", "File: [asha_replay.csv](asha_replay.csv)"]
+            "## Matched against the heuristic (Table 1's weights)", ""]
+    page += ranking_text(ranked, matched, frame, heuristic) + ["", "File: [ranking.csv](ranking.csv)", ""]
+    page += ["## Trade-off per prior", "", "![trade-off](frontier_tradeoff.png)", "",
+             "## Pareto fronts", "", "![pareto](frontier_pareto.png)", "",
+             (f"{len(summary)} points, {int((summary['n'] > 0).sum())} with a finished seed; {stopped} trial(s) "
+              f"stopped early by ASHA (not in the means)."), "",
+             "## ASHA replay", ""] + replay_text(replayed, matched, replay_eta) + [
+             "", "File: [asha_replay.csv](asha_replay.csv)"]
     return atomic_write_text(out / "frontier.md", "\n".join(page) + "\n")
 
 
@@ -362,13 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}, matched.csv/.md, frontier_summary.csv, asha_replay.csv, frontier_tradeoff.png, "
+    print(f"wrote {path}, matched.csv/.md, ranking.csv, frontier_summary.csv, asha_replay.csv, frontier_tradeoff.png, "
           f"frontier_pareto.png")
     return 0
 
 
-__all__ = ["BASELINE_KNOB", "KNOBS", "asha_replay", "build_frontier", "display_matched", "frontier_frame", "knob_of",
-           "matched_table", "parse_label", "plot_pareto", "plot_tradeoff", "psnr_floor", "row_label", "summarise"]
+__all__ = ["BASELINE_KNOB", "KNOBS", "asha_replay", "build_frontier", "display_matched", "frontier_frame",
+           "heuristic_weights", "knob_of", "matched_table", "parse_label", "plot_pareto", "plot_tradeoff", "psnr_floor",
+           "ranking", "row_label", "summarise"]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,20 @@ def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS, min_se
     return pd.DataFrame.from_records(records)
 
 
+def welch(x, y, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(x) - mean(y) and its Welch interval (`level`, Welch-Satterthwaite degrees of freedom): `(diff,
+    lo, hi)`. The interval is NaN when either side has fewer than two values (no variance to estimate)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    diff = float(x.mean() - y.mean()) if len(x) and len(y) else math.nan
+    if len(x) < 2 or len(y) < 2:
+        return diff, math.nan, math.nan
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if se > 0 else len(x) + len(y) - 2
+    half = t_quantile(dof, 0.5 + level / 2) * se
+    return diff, diff - half, diff + half
+
+
 def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None) -> pd.DataFrame | None:
     """Every pair of rows with two or more seeds: `diff` = mean(a) - mean(b) of `metric`, its Welch 95%
     interval `lo`, `hi`, and `resolved` (the interval excludes 0). Pairs with `first` (e.g. the semantic
@@ -67,16 +81,11 @@ def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None
     records = []
     for a, b in itertools.combinations(names, 2):
         x, y = vals[a], vals[b]
-        va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-        se = math.sqrt(va + vb)
-        dof = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if se > 0 else len(x) + len(y) - 2
-        half = t_quantile(dof) * se
-        diff = float(x.mean() - y.mean())
+        diff, lo, hi = welch(x, y)
         better = a if (diff < 0) == LOWER_IS_BETTER.get(metric, True) else b
-        resolved = bool(diff - half > 0 or diff + half < 0)
+        resolved = bool(lo > 0 or hi < 0)
         records.append({"a": a, "b": b, f"{metric}_a": float(x.mean()), f"{metric}_b": float(y.mean()), "diff": diff,
-                        "lo": diff - half, "hi": diff + half, "resolved": resolved,
-                        "better": better if resolved else "-"})
+                        "lo": lo, "hi": hi, "resolved": resolved, "better": better if resolved else "-"})
     return pd.DataFrame.from_records(records) if records else None
 
 
@@ -90,4 +99,4 @@ def display_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rfid", "
     return out
 
 
-__all__ = ["base_row", "display_summary", "pairwise", "seed_summary"]
+__all__ = ["base_row", "display_summary", "pairwise", "seed_summary", "welch"]
