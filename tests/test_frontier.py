@@ -470,6 +470,11 @@ def test_ranking_says_which_pairs_the_matched_table_orders_differently_from_the_
         assert r[f"{tag}_diff"] == pytest.approx(np.mean(x) - np.mean(y))
         assert (r[f"{tag}_lo"], r[f"{tag}_hi"]) == pytest.approx((ci.low, ci.high))
         assert r[f"{tag}_resolved"] == bool(ci.low > 0 or ci.high < 0)
+        n = min(len(x), len(y))  # paired by seed: seeds 0..n-1 are the ones both points have
+        ci = sps.ttest_rel(x[:n], y[:n]).confidence_interval(0.95)
+        assert r[f"{tag}_paired_seeds"] == n
+        assert r[f"{tag}_paired_diff"] == pytest.approx(np.mean(np.subtract(x[:n], y[:n])))
+        assert (r[f"{tag}_paired_lo"], r[f"{tag}_paired_hi"]) == pytest.approx((ci.low, ci.high))
     lines = "\n".join(fr.ranking_text(rk.reset_index(), matched, frame, heuristic))
     assert "**dinov2 and gaussian swap places.**" in lines and lines.count("swap places") == 1
     assert "dinov2 @ 1 (8.5, 2 seeds), gaussian @ 1 (9.4, 3 seeds)" in lines
@@ -478,6 +483,8 @@ def test_ranking_says_which_pairs_the_matched_table_orders_differently_from_the_
     one = fr.ranking(frame, matched.assign(weight=[1.0, 0.3, 1e-6]), heuristic).set_index(["a", "b"])
     assert one.loc[("dinov2", "gaussian"), "m_diff"] == pytest.approx(8.5 - 13.0)
     assert math.isnan(one.loc[("dinov2", "gaussian"), "m_lo"]) and not one.loc[("dinov2", "gaussian"), "m_resolved"]
+    assert one.loc[("dinov2", "gaussian"), "m_paired_seeds"] == 1  # gaussian @ 0.3 has seed 0 alone
+    assert one.loc[("dinov2", "gaussian"), "m_paired_diff"] == pytest.approx(8.0 - 13.0)
     # through the report: ranking.csv and the page's section
     root = tmp_path / "frontier-smoke"
     root.mkdir()

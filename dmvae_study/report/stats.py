@@ -64,6 +64,23 @@ def welch(x, y, level: float = 0.95) -> tuple[float, float, float]:
     return diff, diff - half, diff + half
 
 
+def paired(x: pd.Series, y: pd.Series, level: float = 0.95) -> tuple[float, float, float, int]:
+    """Paired by seed: the mean of x[s] - y[s] over the seeds `s` both Series hold (their index), its Student-t
+    interval (`level`) and the number of common seeds: `(diff, lo, hi, n)`. Trials of one seed share the
+    seed's tokenizer, data order and initialisation, so pairing removes that shared part of the noise. NaN
+    interval below two common seeds; NaN difference with none."""
+    common = x.index.intersection(y.index)
+    d = (x.loc[common].to_numpy(float) - y.loc[common].to_numpy(float)) if len(common) else np.array([])
+    n = len(d)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(d.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, 1
+    half = t_quantile(n - 1, 0.5 + level / 2) * float(d.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
 def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None) -> pd.DataFrame | None:
     """Every pair of rows with two or more seeds: `diff` = mean(a) - mean(b) of `metric`, its Welch 95%
     interval `lo`, `hi`, and `resolved` (the interval excludes 0). Pairs with `first` (e.g. the semantic
@@ -99,4 +116,4 @@ def display_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rfid", "
     return out
 
 
-__all__ = ["base_row", "display_summary", "pairwise", "seed_summary", "welch"]
+__all__ = ["base_row", "display_summary", "pairwise", "paired", "seed_summary", "welch"]
