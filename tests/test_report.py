@@ -321,7 +321,8 @@ def test_seeded_rows_share_a_colour_and_fig8_draws_their_mean(tmp_path: Path) ->
 
 
 def test_seed_section_resolves_each_metric_against_welch(tmp_path: Path) -> None:
-    """gFID, rFID and PSNR pairs (a - b) with Welch intervals equal to a direct scipy computation."""
+    """gFID, rFID and PSNR pairs (a - b) with Welch and paired-by-seed intervals equal to a direct scipy
+    computation."""
     from scipy import stats as sps
 
     from dmvae_study.report.build import _seed_sections
@@ -340,6 +341,10 @@ def test_seed_section_resolves_each_metric_against_welch(tmp_path: Path) -> None
         assert got["diff"] == pytest.approx(a.mean() - b.mean())
         assert (got["lo"], got["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
         assert bool(got["resolved"]) == (ci.low > 0 or ci.high < 0)
+        ci = sps.ttest_rel(a, b).confidence_interval(0.95)  # paired by seed (s0 with s0, ...)
+        assert got["paired_seeds"] == 3 and got["paired_diff"] == pytest.approx((a - b).mean())
+        assert (got["paired_lo"], got["paired_hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert bool(got["paired_resolved"]) == (ci.low > 0 or ci.high < 0)
 
 
 def test_report_is_rebuilt_from_row_archives_after_the_store_is_gone(tmp_path: Path) -> None:

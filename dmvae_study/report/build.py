@@ -115,7 +115,9 @@ def _seed_sections(study: Study, out: Path) -> list[Section]:
         file = "pairs.csv" if metric == "gfid" else f"pairs_{metric}.csv"
         atomic_write_text(out / file, pairs.to_csv(index=False))
         parts += [Para(f"{name} difference of each pair of rows (a - b) with its 95% interval (Welch): *resolved* "
-                       f"when the interval excludes 0, i.e. the seeds tell the two rows apart. File: [{file}]({file})."),
+                       f"when the interval excludes 0, i.e. the seeds tell the two rows apart. `paired_*`: the same "
+                       f"difference paired by seed over the seeds both rows have (Student t; a seed's rows share its "
+                       f"data order and, for the priors, its tokenizer). File: [{file}]({file})."),
                   Table(pairs.round(3))]
     return [Section("Seeds and intervals", parts)]
 

@@ -81,15 +81,21 @@ def paired(x: pd.Series, y: pd.Series, level: float = 0.95) -> tuple[float, floa
     return mean, mean - half, mean + half, n
 
 
+def _by_seed(g: pd.DataFrame, metric: str) -> pd.Series:
+    """`metric` of one row's seeds, indexed by the seed of each label (`<row>-s<seed>`; position otherwise)."""
+    seeds = [int(m["seed"]) if (m := SEED_LABEL.match(str(r))) else i for i, r in enumerate(g["row"])]
+    return pd.Series(pd.to_numeric(g[metric], errors="coerce").to_numpy(float), index=seeds).dropna()
+
+
 def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None) -> pd.DataFrame | None:
     """Every pair of rows with two or more seeds: `diff` = mean(a) - mean(b) of `metric`, its Welch 95%
-    interval `lo`, `hi`, and `resolved` (the interval excludes 0). Pairs with `first` (e.g. the semantic
-    prior) come first."""
+    interval `lo`, `hi`, and `resolved` (the interval excludes 0); and the same difference paired by seed
+    over the seeds both rows have (`paired_diff`, `paired_lo`, `paired_hi`, `paired_seeds`,
+    `paired_resolved`; `paired`). Pairs with `first` (e.g. the semantic prior) come first."""
     if "row" not in table or metric not in table:
         return None
     ok = table[table["status"] == "ok"] if "status" in table else table
-    vals = {r: pd.to_numeric(g[metric], errors="coerce").dropna().to_numpy(float)
-            for r, g in ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)}
+    vals = {r: _by_seed(g, metric) for r, g in ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)}
     vals = {r: v for r, v in vals.items() if len(v) >= 2}
     names = list(vals)
     if first in names:
@@ -101,8 +107,11 @@ def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None
         diff, lo, hi = welch(x, y)
         better = a if (diff < 0) == LOWER_IS_BETTER.get(metric, True) else b
         resolved = bool(lo > 0 or hi < 0)
+        pdiff, plo, phi, pn = paired(x, y)
         records.append({"a": a, "b": b, f"{metric}_a": float(x.mean()), f"{metric}_b": float(y.mean()), "diff": diff,
-                        "lo": lo, "hi": hi, "resolved": resolved, "better": better if resolved else "-"})
+                        "lo": lo, "hi": hi, "resolved": resolved, "better": better if resolved else "-",
+                        "paired_diff": pdiff, "paired_lo": plo, "paired_hi": phi, "paired_seeds": pn,
+                        "paired_resolved": bool(plo > 0 or phi < 0)})
     return pd.DataFrame.from_records(records) if records else None
 
 
