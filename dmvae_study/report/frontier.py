@@ -23,8 +23,9 @@ this report reads the rows back and writes into `<study>/report/`:
 - `ranking.csv`: the matched comparison against the heuristic one (Table 1's rule: DM weight 10 for
   data-derived priors, 1 for synthetic ones, the baselines at the preset's own knob value): per pair of
   rows, the gFID difference at the matched picks and at the heuristic points with Welch 95% intervals over
-  seeds, whether each is resolved (the interval excludes 0), and whether the two comparisons order the
-  pair the same way; the page says in words which pairs the fair comparison ranks differently;
+  seeds and paired by seed, whether each is resolved (the interval excludes 0), and whether the two
+  comparisons order the pair the same way; the page says in words which pairs the fair comparison ranks
+  differently;
 - `asha_replay.csv`: the study's early-stopping rule replayed on the DMD curves of rows that ran in full
   (`--no-asha`): which weights ASHA would have kept at each rung, with the signal averaged over the last
   report and over the last three (`dmvae_study.asha.replay`), and whether the kept weights include each
