@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from dmvae_study.report.stats import SEED_LABEL, paired, welch
+from dmvae_study.report.stats import by_seed, paired, welch
 
 
 def _point_values(df: pd.DataFrame, prior: str, weight: float | None, metric: str = "gfid") -> pd.Series:
@@ -20,8 +20,7 @@ def _point_values(df: pd.DataFrame, prior: str, weight: float | None, metric: st
     if weight is None or pd.isna(weight):
         return pd.Series(dtype=float)
     g = df[(df["status"] == "ok") & (df["prior"] == prior) & np.isclose(df["weight"].astype(float), float(weight))]
-    seeds = [int(m["seed"]) if (m := SEED_LABEL.match(str(r))) else i for i, r in enumerate(g["row"])]
-    return pd.Series(pd.to_numeric(g[metric], errors="coerce").to_numpy(float), index=seeds).dropna()
+    return by_seed(g, metric)
 
 
 def ranking(df: pd.DataFrame, matched: pd.DataFrame, heuristic: dict[str, float | None]) -> pd.DataFrame:

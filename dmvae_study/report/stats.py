@@ -81,7 +81,7 @@ def paired(x: pd.Series, y: pd.Series, level: float = 0.95) -> tuple[float, floa
     return mean, mean - half, mean + half, n
 
 
-def _by_seed(g: pd.DataFrame, metric: str) -> pd.Series:
+def by_seed(g: pd.DataFrame, metric: str) -> pd.Series:
     """`metric` of one row's seeds, indexed by the seed of each label (`<row>-s<seed>`; position otherwise)."""
     seeds = [int(m["seed"]) if (m := SEED_LABEL.match(str(r))) else i for i, r in enumerate(g["row"])]
     return pd.Series(pd.to_numeric(g[metric], errors="coerce").to_numpy(float), index=seeds).dropna()
@@ -95,7 +95,7 @@ def pairwise(table: pd.DataFrame, metric: str = "gfid", first: str | None = None
     if "row" not in table or metric not in table:
         return None
     ok = table[table["status"] == "ok"] if "status" in table else table
-    vals = {r: _by_seed(g, metric) for r, g in ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)}
+    vals = {r: by_seed(g, metric) for r, g in ok.assign(_row=ok["row"].map(base_row)).groupby("_row", sort=False)}
     vals = {r: v for r, v in vals.items() if len(v) >= 2}
     names = list(vals)
     if first in names:
@@ -125,4 +125,4 @@ def display_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rfid", "
     return out
 
 
-__all__ = ["base_row", "display_summary", "pairwise", "paired", "seed_summary", "welch"]
+__all__ = ["base_row", "display_summary", "pairwise", "by_seed", "paired", "seed_summary", "welch"]
