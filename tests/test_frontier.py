@@ -15,6 +15,7 @@ import pytest
 from scipy import stats as sps
 
 from dmvae_study.report import frontier as fr
+from dmvae_study.report import points
 from studies import frontier as fs
 from studies import frontier_budget as fb
 from studies.common import UserError
@@ -492,3 +493,55 @@ def test_ranking_says_which_pairs_the_matched_table_orders_differently_from_the_
     page = fr.build_frontier(root, psnr_margin=1.5).read_text()  # floor 24.5 - 1.5 = 23
     assert "**dinov2 and gaussian swap places.**" in page
     assert len(pd.read_csv(root / "report" / "ranking.csv")) == 3
+
+
+def test_each_point_is_compared_with_its_priors_table1_point_welch_and_paired(tmp_path):
+    """`report.points`: every other weight of a prior minus its heuristic point (semantic: 10, Gaussian: 1),
+    per metric, with Welch and paired-by-seed intervals that match scipy's; the points table lists each point's
+    seeds and marks Table 1's point; the report writes both."""
+    vals = {("dinov2", 10.0): ([64.0, 65.5, 62.8], [23.4, 23.9, 23.7]),
+            ("dinov2", 1.0): ([62.6, 62.1], [24.9, 24.3]),
+            ("dinov2", 100.0): ([66.5], [23.5]),
+            ("gaussian", 1.0): ([68.9, 62.0, 59.0], [24.0, 23.6, 23.9]),
+            ("gaussian", 0.3): ([63.1, 63.5, 60.0], [24.0, 23.8, 24.1])}
+    table = pd.DataFrame([{"row": f"{fr.row_label(p, w)}-s{i}", "prior": p, "seed": i, "gfid": g, "psnr": q,
+                           "rfid": 50.0, "matching_swd": 0.2 + 0.01 * i, "wall_s": 60.0 * (20 + i), "status": "ok"}
+                          for (p, w), (gs, ps) in vals.items() for i, (g, q) in enumerate(zip(gs, ps))])
+    frame = fr.frontier_frame(table)
+    heuristic = fr.heuristic_weights(["dinov2", "gaussian"])
+    ah = points.against_heuristic(frame, heuristic).set_index(["prior", "weight"])
+    assert sorted(ah.index) == [("dinov2", 1.0), ("dinov2", 100.0), ("gaussian", 0.3)]
+    for (p, w), base in ((("dinov2", 1.0), 10.0), (("gaussian", 0.3), 1.0)):
+        r = ah.loc[(p, w)]
+        assert r["heuristic_weight"] == base
+        for k, m in enumerate(("gfid", "psnr")):
+            x, y = vals[(p, w)][k], vals[(p, base)][k]
+            ci = sps.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
+            assert r[f"{m}_diff"] == pytest.approx(np.mean(x) - np.mean(y))
+            assert (r[f"{m}_lo"], r[f"{m}_hi"]) == pytest.approx((ci.low, ci.high))
+            assert r[f"{m}_resolved"] == bool(ci.low > 0 or ci.high < 0)
+            n = min(len(x), len(y))
+            ci = sps.ttest_rel(x[:n], y[:n]).confidence_interval(0.95)
+            assert r[f"{m}_paired_seeds"] == n
+            assert (r[f"{m}_paired_lo"], r[f"{m}_paired_hi"]) == pytest.approx((ci.low, ci.high))
+            assert r[f"{m}_paired_resolved"] == bool(ci.low > 0 or ci.high < 0)
+    # PSNR of semantic @ 1 minus @ 10 paired: +1.5 and +0.4 dB; seed 2 is absent at weight 1
+    assert ah.loc[("dinov2", 1.0), "psnr_paired_diff"] == pytest.approx((1.5 + 0.4) / 2)
+    one = ah.loc[("dinov2", 100.0)]  # one seed: a difference, no interval, never resolved
+    assert one["gfid_diff"] == pytest.approx(66.5 - np.mean([64.0, 65.5, 62.8])) and math.isnan(one["gfid_lo"])
+    assert not one["gfid_resolved"] and one["gfid_paired_seeds"] == 1
+    text = "\n".join(points.against_text(ah.reset_index()))
+    assert "| dinov2   | 100 - 10" in text and "(1 seed)" in text
+    summary = fr.summarise(frame)
+    shown = points.points_table(summary, frame, heuristic).set_index("point")
+    assert shown.loc["dinov2@dm=10", "seeds"] == "0, 1, 2" and shown.loc["dinov2@dm=1", "seeds"] == "0, 1"
+    assert shown.loc["dinov2@dm=10", "marks"].startswith("T1") and "T1" not in shown.loc["dinov2@dm=1", "marks"]
+    assert shown.loc["dinov2@dm=10", "match SW"] == "0.200-0.220"
+    assert shown.loc["dinov2@dm=10", "wall min per seed"] == "20, 21, 22"
+    assert shown.loc["dinov2@dm=100", "gFID"] == "66.5"  # one seed: no interval
+    root = tmp_path / "frontier-smoke"
+    root.mkdir()
+    table.to_csv(root / "frontier.csv", index=False)
+    page = fr.build_frontier(root).read_text()
+    assert "## Points" in page and "## Each point against its prior's Table 1 point" in page
+    assert len(pd.read_csv(root / "report" / "against_heuristic.csv")) == 3

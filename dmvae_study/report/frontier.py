@@ -26,6 +26,9 @@ this report reads the rows back and writes into `<study>/report/`:
   seeds and paired by seed, whether each is resolved (the interval excludes 0), and whether the two
   comparisons order the pair the same way; the page says in words which pairs the fair comparison ranks
   differently;
+- `against_heuristic.csv`: every point against its own prior's heuristic point (`report.points`): per metric
+  (gFID, PSNR) the difference with its Welch interval and paired by seed, resolved or not; the page shows it
+  with a "Points" table (each point's seeds, mean [interval] per metric, matching distance, wall minutes);
 - `asha_replay.csv`: the study's early-stopping rule replayed on the DMD curves of rows that ran in full
   (`--no-asha`): which weights ASHA would have kept at each rung, with the signal averaged over the last
   report and over the last three (`dmvae_study.asha.replay`), and whether the kept weights include each
@@ -47,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dmvae_study.report.points import against_heuristic, against_text, points_table
 from dmvae_study.report.ranking import ranking, ranking_text
 from dmvae_study.report.stats import base_row, seed_summary
 from dmvae_study.store import atomic_write_bytes, atomic_write_text
@@ -364,6 +368,8 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     heuristic = heuristic_weights(list(summary["prior"].unique()), baseline_defaults(root))
     ranked = ranking(frame, matched, heuristic)
     atomic_write_text(out / "ranking.csv", ranked.to_csv(index=False))
+    against = against_heuristic(frame, heuristic)
+    atomic_write_text(out / "against_heuristic.csv", against.to_csv(index=False))
     replayed = asha_replay(root, frame, replay_eta)
     atomic_write_text(out / "asha_replay.csv", replayed.to_csv(index=False))
     plot_tradeoff(summary, out / "frontier_tradeoff.png")
@@ -373,6 +379,13 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
             "Files: [matched.csv](matched.csv) · [frontier_summary.csv](frontier_summary.csv)", "",
             "## Matched against the heuristic (Table 1's weights)", ""]
     page += ranking_text(ranked, matched, frame, heuristic) + ["", "File: [ranking.csv](ranking.csv)", ""]
+    page += ["## Points", "", "Every point with a finished seed: mean [95% interval of the mean over seeds, "
+             "Student t]; match SW: the matching distance after DMD (sliced Wasserstein to the prior's reference), its range "
+             "over the seeds; marks: T1 Table 1's point, P on the prior's Pareto front.", "",
+             markdown_table(points_table(summary, frame, heuristic)), "",
+             "File: [frontier_summary.csv](frontier_summary.csv)", "",
+             "## Each point against its prior's Table 1 point", ""]
+    page += against_text(against) + ["", "File: [against_heuristic.csv](against_heuristic.csv)", ""]
     page += ["## Trade-off per prior", "", "![trade-off](frontier_tradeoff.png)", "",
              "## Pareto fronts", "", "![pareto](frontier_pareto.png)", "",
              (f"{len(summary)} points, {int((summary['n'] > 0).sum())} with a finished seed; {stopped} trial(s) "
@@ -403,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}, matched.csv/.md, ranking.csv, frontier_summary.csv, asha_replay.csv, frontier_tradeoff.png, "
-          f"frontier_pareto.png")
+    print(f"wrote {path}, matched.csv/.md, ranking.csv, against_heuristic.csv, frontier_summary.csv, asha_replay.csv, "
+          f"frontier_tradeoff.png, frontier_pareto.png")
     return 0
 
 
