@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dmvae_study.report.ranking import point_values
 from dmvae_study.report.stats import by_seed, paired, welch
 
 AGAINST_METRICS = ("gfid", "psnr")
@@ -69,12 +70,11 @@ def against_heuristic(df: pd.DataFrame, heuristic: dict[str, float | None],
         at_h = np.isclose(g["weight"].astype(float), float(h))
         if not at_h.any():
             continue
-        base = g[at_h]
         for w, p in g[~at_h].groupby("weight", sort=True):
             rec: dict = {"prior": prior, "weight": float(w), "heuristic_weight": float(h),
-                         "seeds": len(_seeds(p)), "heuristic_seeds": len(_seeds(base))}
+                         "seeds": len(_seeds(p)), "heuristic_seeds": len(_seeds(g[at_h]))}
             for m in metrics:
-                x, y = by_seed(p, m), by_seed(base, m)
+                x, y = point_values(df, prior, w, m), point_values(df, prior, h, m)
                 diff, lo, hi = welch(x, y)
                 pdiff, plo, phi, pn = paired(x, y)
                 rec.update({f"{m}_diff": diff, f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_resolved": bool(lo > 0 or hi < 0),

@@ -14,7 +14,7 @@ import pandas as pd
 from dmvae_study.report.stats import by_seed, paired, welch
 
 
-def _point_values(df: pd.DataFrame, prior: str, weight: float | None, metric: str = "gfid") -> pd.Series:
+def point_values(df: pd.DataFrame, prior: str, weight: float | None, metric: str = "gfid") -> pd.Series:
     """The finished seeds' `metric` at one (prior, knob value), indexed by seed (from the row label); empty
     when none (or `weight` is None)."""
     if weight is None or pd.isna(weight):
@@ -39,7 +39,7 @@ def ranking(df: pd.DataFrame, matched: pd.DataFrame, heuristic: dict[str, float 
             rec: dict = {"a": a["prior"], "b": b["prior"]}
             for tag, wa, wb in (("m", a["weight"], b["weight"]), ("h", heuristic.get(a["prior"]),
                                                                    heuristic.get(b["prior"]))):
-                x, y = _point_values(df, a["prior"], wa), _point_values(df, b["prior"], wb)
+                x, y = point_values(df, a["prior"], wa), point_values(df, b["prior"], wb)
                 diff, lo, hi = welch(x, y) if len(x) and len(y) else (math.nan, math.nan, math.nan)
                 pd_, plo, phi, pn = paired(x, y)
                 rec.update({f"{tag}_weight_a": wa, f"{tag}_weight_b": wb, f"{tag}_seeds_a": len(x),
@@ -86,7 +86,7 @@ def ranking_text(rk: pd.DataFrame, matched: pd.DataFrame, df: pd.DataFrame,
         return ["Fewer than two rows have a matched pick: nothing to rank."]
 
     def order(points: list[tuple[str, float | None]]) -> str:
-        vals = [(p, w, _point_values(df, p, w)) for p, w in points]
+        vals = [(p, w, point_values(df, p, w)) for p, w in points]
         shown = sorted([(v.mean(), p, w, len(v)) for p, w, v in vals if len(v)])
         missing = [p for p, w, v in vals if not len(v)]
         return ", ".join(f"{p} @ {w:g} ({g:.1f}, {n} seed{'s' * (n != 1)})" for g, p, w, n in shown) + (
@@ -122,4 +122,4 @@ def ranking_text(rk: pd.DataFrame, matched: pd.DataFrame, df: pd.DataFrame,
                     markdown_table(table)]
 
 
-__all__ = ["ranking", "ranking_text"]
+__all__ = ["point_values", "ranking", "ranking_text"]
