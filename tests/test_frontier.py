@@ -545,3 +545,44 @@ def test_each_point_is_compared_with_its_priors_table1_point_welch_and_paired(tm
     page = fr.build_frontier(root).read_text()
     assert "## Points" in page and "## Each point against its prior's Table 1 point" in page
     assert len(pd.read_csv(root / "report" / "against_heuristic.csv")) == 3
+
+
+def test_held_out_picks_score_the_matched_rule_on_a_seed_it_did_not_see(tmp_path):
+    """Leave one seed out: semantic@2 has the best three-seed mean (58), but with seed 2 held out weight 1's
+    other seeds (50, 60) average 55 and win, and weight 1 scores 70 on seed 2. So the held-out scores are
+    58, 58, 70 (mean 62, optimism +4 over the in-sample 58). Weight 3 has the lowest gFID but fails the PSNR
+    floor everywhere and is never picked. The pairs are paired by held-out seed (scipy's interval)."""
+    from dmvae_study.report import heldout
+    seeds = {("dinov2", 1.0): ([50.0, 60.0, 70.0], 25.0), ("dinov2", 2.0): ([58.0, 58.0, 58.0], 25.0),
+             ("dinov2", 3.0): ([1.0, 1.0, 1.0], 10.0), ("gaussian", 1.0): ([61.0, 62.0, 65.0], 25.0)}
+    table = pd.DataFrame([{"row": f"{fr.row_label(p, w)}-s{i}", "prior": p, "seed": i, "gfid": g, "psnr": psnr,
+                           "rfid": 1.0, "status": "ok"}
+                          for (p, w), (gs, psnr) in seeds.items() for i, g in enumerate(gs)])
+    frame = fr.frontier_frame(table)
+    matched = fr.matched_table(fr.summarise(frame), 20.0)
+    folds = heldout.held_out_folds(frame, 20.0).set_index(["prior", "held_out_seed"])
+    assert folds.loc["dinov2", "pick"].tolist() == [2.0, 2.0, 1.0]
+    assert folds.loc["dinov2", "gfid"].tolist() == [58.0, 58.0, 70.0]
+    assert folds.loc["dinov2", "feasible"].tolist() == [2, 2, 2]
+    summary = heldout.held_out_summary(folds.reset_index(), matched).set_index("prior")
+    half = sps.t.ppf(0.975, 2) * np.std([58.0, 58.0, 70.0], ddof=1) / math.sqrt(3)
+    assert summary.loc["dinov2", "gfid_mean"] == pytest.approx(62.0)
+    assert (summary.loc["dinov2", "gfid_lo"], summary.loc["dinov2", "gfid_hi"]) == pytest.approx((62 - half, 62 + half))
+    assert summary.loc["dinov2", "insample_gfid"] == pytest.approx(58.0)
+    assert summary.loc["dinov2", "optimism"] == pytest.approx(4.0)
+    assert summary.loc["gaussian", "optimism"] == pytest.approx(0.0)  # one value: nothing to pick
+    pairs = heldout.held_out_pairs(folds.reset_index(), ["dinov2", "gaussian"]).iloc[0]
+    ci = sps.ttest_rel([58.0, 58.0, 70.0], [61.0, 62.0, 65.0]).confidence_interval(0.95)
+    assert pairs["diff"] == pytest.approx(np.mean([-3.0, -4.0, 5.0]))
+    assert (pairs["lo"], pairs["hi"]) == pytest.approx((ci.low, ci.high)) and not pairs["resolved"]
+    # a seed missing the pick scores nothing for that fold; one seed alone is not held out
+    partial = frame[frame["row"] != f"{fr.row_label('dinov2', 1.0)}-s2"]
+    f2 = heldout.held_out_folds(partial, 20.0).set_index(["prior", "held_out_seed"])
+    assert math.isnan(f2.loc[("dinov2", 2), "gfid"]) and f2.loc[("dinov2", 2), "pick"] == 1.0
+    assert heldout.held_out_folds(frame[frame["row"].str.endswith("-s0")], 20.0).empty
+    root = tmp_path / "frontier-smoke"
+    root.mkdir()
+    table.to_csv(root / "frontier.csv", index=False)
+    page = fr.build_frontier(root).read_text()  # no beta-VAE row: no PSNR floor, so weight 3 is picked
+    assert "## Matched picks out of sample (leave one seed out)" in page and "| dinov2   | 3, 3, 3" in page
+    assert len(pd.read_csv(root / "report" / "held_out.csv")) == 6

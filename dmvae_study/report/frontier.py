@@ -29,6 +29,9 @@ this report reads the rows back and writes into `<study>/report/`:
 - `against_heuristic.csv`: every point against its own prior's heuristic point (`report.points`): per metric
   (gFID, PSNR) the difference with its Welch interval and paired by seed, resolved or not; the page shows it
   with a "Points" table (each point's seeds, mean [interval] per metric, matching distance, wall minutes);
+- `held_out.csv`: the matched picks out of sample (`report.heldout`): each seed held out in turn, the pick
+  made on the other seeds by the matched rule and scored on the held-out seed; the page gives each row's
+  held-out mean against its in-sample matched gFID (the pick's optimism) and the pairs paired by held-out seed;
 - `asha_replay.csv`: the study's early-stopping rule replayed on the DMD curves of rows that ran in full
   (`--no-asha`): which weights ASHA would have kept at each rung, with the signal averaged over the last
   report and over the last three (`dmvae_study.asha.replay`), and whether the kept weights include each
@@ -50,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dmvae_study.report.heldout import held_out_folds, held_out_pairs, held_out_summary, held_out_text
 from dmvae_study.report.points import against_heuristic, against_text, points_table
 from dmvae_study.report.ranking import ranking, ranking_text
 from dmvae_study.report.replay import asha_replay, replay_text
@@ -312,6 +316,10 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     heuristic = heuristic_weights(list(summary["prior"].unique()), baseline_defaults(root))
     ranked = ranking(frame, matched, heuristic)
     atomic_write_text(out / "ranking.csv", ranked.to_csv(index=False))
+    folds = held_out_folds(frame, floor)
+    atomic_write_text(out / "held_out.csv", folds.to_csv(index=False))
+    held = held_out_summary(folds, matched)
+    held_pairs = held_out_pairs(folds, list(held["prior"]))
     against = against_heuristic(frame, heuristic)
     atomic_write_text(out / "against_heuristic.csv", against.to_csv(index=False))
     replayed = asha_replay(root, frame, replay_eta)
@@ -323,6 +331,8 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
             "Files: [matched.csv](matched.csv) · [frontier_summary.csv](frontier_summary.csv)", "",
             "## Matched against the heuristic (Table 1's weights)", ""]
     page += ranking_text(ranked, matched, frame, heuristic) + ["", "File: [ranking.csv](ranking.csv)", ""]
+    page += ["## Matched picks out of sample (leave one seed out)", ""] + held_out_text(held, held_pairs) + [
+        "", "File: [held_out.csv](held_out.csv)", ""]
     page += ["## Points", "", "Every point with a finished seed: mean [95% interval of the mean over seeds, "
              "Student t]; match SW: the matching distance after DMD (sliced Wasserstein to the prior's reference), its range "
              "over the seeds; marks: T1 Table 1's point, P on the prior's Pareto front.", "",
@@ -360,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}, matched.csv/.md, ranking.csv, against_heuristic.csv, frontier_summary.csv, asha_replay.csv, "
-          f"frontier_tradeoff.png, frontier_pareto.png")
+    print(f"wrote {path}, matched.csv/.md, ranking.csv, held_out.csv, against_heuristic.csv, frontier_summary.csv, "
+          f"asha_replay.csv, frontier_tradeoff.png, frontier_pareto.png")
     return 0
 
 
