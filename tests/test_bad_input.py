@@ -336,11 +336,24 @@ def test_bad_input(row: Row, tmp_path, monkeypatch, capsys):
     assert not missing, f"message lacks {missing}:\n{message}"
 
 
+@pytest.fixture(scope="module")
+def startup_s() -> float:
+    """Wall seconds to start Python and import the study's modules (`studies.table1` and what it imports),
+    measured on this machine in this run: the floor a rejected setting cannot go below."""
+    import time
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import studies.table1"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120)
+    return time.perf_counter() - t0
+
+
 @pytest.mark.parametrize("setting", ["dmd.batch_size=-4", "eval.gfid_samples=0", "data.dataset=cifar",
                                      "dmd.dm_weight=nan", "run.seed=-1"])
-def test_a_single_invalid_set_exits_within_seconds_without_ray(setting, tmp_path):
+def test_a_single_invalid_set_exits_within_seconds_without_ray(setting, tmp_path, startup_s):
     """A researcher's typo costs seconds: exit code 2, one line, no traceback, no Ray process (its temp dir is
-    never created), well within 10 s of wall time (Python and torch start-up included)."""
+    never created), and no work beyond start-up: the wall time is within 2x + 2 s of importing the study's
+    modules alone, measured in the same run (a ratio, so a loaded machine slows both; an absolute limit
+    failed beside two training runs)."""
     import time
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
     t0 = time.perf_counter()
@@ -350,7 +363,7 @@ def test_a_single_invalid_set_exits_within_seconds_without_ray(setting, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and setting.split("=")[0] in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
-    assert elapsed < 10, f"{elapsed:.1f} s"
+    assert elapsed < 2 * startup_s + 2, f"{elapsed:.1f} s against {startup_s:.1f} s to import the study"
 
 
 def test_a_row_without_result_is_failed_with_its_stage_or_unfinished(tmp_path):
