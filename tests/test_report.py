@@ -8,6 +8,7 @@ eval PNGs): no training runs here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from html.parser import HTMLParser
@@ -345,6 +346,23 @@ def test_seed_section_resolves_each_metric_against_welch(tmp_path: Path) -> None
         assert got["paired_seeds"] == 3 and got["paired_diff"] == pytest.approx((a - b).mean())
         assert (got["paired_lo"], got["paired_hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
         assert bool(got["paired_resolved"]) == (ci.low > 0 or ci.high < 0)
+
+
+def test_mean_interval_and_seed_labels_match_scipy_and_the_label_grammar() -> None:
+    """`stats.mean_interval` (shared by the seed summary, the paired differences and the held-out picks)
+    equals scipy's Student-t interval; one value has no interval, none no mean. `seed_of` reads
+    `<row>-s<seed>` and nothing else."""
+    from scipy import stats as sps
+
+    from dmvae_study.report.stats import mean_interval, seed_of
+    v = np.array([61.6, 58.3, 64.9, 60.2])
+    for level in (0.9, 0.95):
+        lo, hi = sps.t.interval(level, len(v) - 1, loc=v.mean(), scale=sps.sem(v))
+        assert mean_interval(v, level) == pytest.approx((v.mean(), lo, hi), rel=1e-12)
+    mean, lo, hi = mean_interval([3.0])
+    assert mean == 3.0 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(x) for x in mean_interval([]))
+    assert [seed_of(x) for x in ("gmm@dm=1-s2", "vae-s10", "vae", "vae-s", "vae-sx")] == [2, 10, None, None, None]
 
 
 def test_report_is_rebuilt_from_row_archives_after_the_store_is_gone(tmp_path: Path) -> None:

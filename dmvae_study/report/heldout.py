@@ -20,19 +20,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from dmvae_study.report.stats import SEED_LABEL, paired, t_quantile
-
-
-def _seed(label: str) -> int | None:
-    m = SEED_LABEL.match(str(label))
-    return int(m["seed"]) if m else None
+from dmvae_study.report.stats import mean_interval, paired, seed_of
 
 
 def held_out_folds(df: pd.DataFrame, floor: float) -> pd.DataFrame:
     """One line per (prior, held-out seed) of a prior with two or more seeds: the pick made on the other
     seeds (`pick`; NaN when no value meets `floor` there), how many values met the floor (`feasible`), and
     the pick's `gfid` and `psnr` on the held-out seed (NaN when that seed has no finished trial there)."""
-    ok = df[df["status"] == "ok"].assign(_seed=lambda d: d["row"].map(_seed))
+    ok = df[df["status"] == "ok"].assign(_seed=lambda d: d["row"].map(seed_of))
     ok = ok[ok["_seed"].notna()]
     records = []
     for prior, g in ok.groupby("prior", sort=False):
@@ -61,14 +56,12 @@ def held_out_summary(folds: pd.DataFrame, matched: pd.DataFrame) -> pd.DataFrame
     records = []
     for prior, g in folds.groupby("prior", sort=False):
         v = g["gfid"].dropna().to_numpy(float)
-        n = len(v)
-        mean = float(v.mean()) if n else math.nan
-        half = t_quantile(n - 1) * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+        mean, lo, hi = mean_interval(v)
         ins = insample.get(prior, math.nan)
         ins = math.nan if ins is None or pd.isna(ins) else float(ins)
-        records.append({"prior": prior, "folds": n,
+        records.append({"prior": prior, "folds": len(v),
                         "picks": ", ".join("–" if pd.isna(w) else f"{w:g}" for w in g["pick"]),
-                        "gfid_mean": mean, "gfid_lo": mean - half, "gfid_hi": mean + half,
+                        "gfid_mean": mean, "gfid_lo": lo, "gfid_hi": hi,
                         "insample_gfid": ins, "optimism": mean - ins})
     out = pd.DataFrame.from_records(records, columns=["prior", "folds", "picks", "gfid_mean", "gfid_lo", "gfid_hi",
                                                       "insample_gfid", "optimism"])

@@ -21,9 +21,29 @@ def base_row(label: str) -> str:
     return m["row"] if m else str(label)
 
 
+def seed_of(label: str) -> int | None:
+    """The seed of a `<row>-s<seed>` label; None for a label without one."""
+    m = SEED_LABEL.match(str(label))
+    return int(m["seed"]) if m else None
+
+
 def t_quantile(df: float, q: float = 0.975) -> float:
     from scipy import stats
     return float(stats.t.ppf(q, df))
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of `values` and its Student-t interval (`level`, n - 1 degrees of freedom): `(mean, lo, hi)`.
+    NaN interval below two values (no variance to estimate); NaN mean with none."""
+    v = np.asarray(values, float)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(n - 1, 0.5 + level / 2) * float(v.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS, min_seeds: int = 2) -> pd.DataFrame | None:
@@ -41,11 +61,9 @@ def seed_summary(table: pd.DataFrame, metrics: tuple[str, ...] = METRICS, min_se
         rec: dict = {"row": row, "n": len(g)}
         for m in metrics:
             v = pd.to_numeric(g[m], errors="coerce").dropna().to_numpy(float) if m in g else np.array([])
-            n = len(v)
-            mean = float(v.mean()) if n else math.nan
-            std = float(v.std(ddof=1)) if n > 1 else math.nan
-            half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
-            rec.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_lo": mean - half, f"{m}_hi": mean + half})
+            mean, lo, hi = mean_interval(v)
+            std = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+            rec.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_lo": lo, f"{m}_hi": hi})
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -71,19 +89,12 @@ def paired(x: pd.Series, y: pd.Series, level: float = 0.95) -> tuple[float, floa
     interval below two common seeds; NaN difference with none."""
     common = x.index.intersection(y.index)
     d = (x.loc[common].to_numpy(float) - y.loc[common].to_numpy(float)) if len(common) else np.array([])
-    n = len(d)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(d.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, 1
-    half = t_quantile(n - 1, 0.5 + level / 2) * float(d.std(ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half, n
+    return (*mean_interval(d, level), len(d))
 
 
 def by_seed(g: pd.DataFrame, metric: str) -> pd.Series:
     """`metric` of one row's seeds, indexed by the seed of each label (`<row>-s<seed>`; position otherwise)."""
-    seeds = [int(m["seed"]) if (m := SEED_LABEL.match(str(r))) else i for i, r in enumerate(g["row"])]
+    seeds = [i if (s := seed_of(r)) is None else s for i, r in enumerate(g["row"])]
     return pd.Series(pd.to_numeric(g[metric], errors="coerce").to_numpy(float), index=seeds).dropna()
 
 
@@ -125,4 +136,5 @@ def display_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rfid", "
     return out
 
 
-__all__ = ["base_row", "display_summary", "pairwise", "by_seed", "paired", "seed_summary", "welch"]
+__all__ = ["base_row", "by_seed", "display_summary", "mean_interval", "paired", "pairwise", "seed_of", "seed_summary",
+           "welch"]
