@@ -230,9 +230,12 @@ def done_text(planned: dict[str, Any], costs: Costs, done: dict[str, str]) -> st
     """`--dry-run`'s lines on the trials already finished (`done`: label -> where; a run skips them) and the
     cost of the rest."""
     todo = [k for k in planned if k not in done]
-    full = costs.shared + sum(costs.full_trial(planned[k].prior.name) for k in todo)
     lines = [f"already finished (--merge / --reuse / this study's folder; not run again): {len(done)} of "
              f"{len(planned)} trial(s)" + "".join(f"\n  {k}: {v}" for k, v in done.items())]
+    if not todo:  # no trial left: no shared work is needed either
+        lines.append("still to run: 0 trial(s): nothing to train (the estimates above count every planned trial)")
+        return "\n".join(lines)
+    full = costs.shared + sum(costs.full_trial(planned[k].prior.name) for k in todo)
     lines.append(f"still to run: {len(todo)} trial(s), ~{full:.3g} {costs.unit} in full with the shared work "
                  f"(the estimates above count every planned trial)")
     return "\n".join(lines)

@@ -83,7 +83,7 @@ def test_asha_stops_the_expected_weights_and_a_rerun_reuses(tmp_path, monkeypatc
     def dry(extra):
         assert fs.frontier(argv + ["--dry-run"] + extra) is None
         return capsys.readouterr().out
-    assert "not run again): 4 of 4 trial(s)" in dry([]) and "still to run: 0 trial(s)" in dry([])
+    assert "not run again): 4 of 4 trial(s)" in dry([]) and "still to run: 0 trial(s): nothing to train" in dry([])
     out = dry(["--rerun-stopped"])
     assert "2 of 4 trial(s)" in out and "still to run: 2 trial(s)" in out
     out = dry(["--out", str(tmp_path / "elsewhere"), "--merge", str(root)])
