@@ -80,8 +80,9 @@ def values(section: str, f: dataclasses.Field, valid: bool):
         choices = typing.get_args(tp)
         s = st.sampled_from(choices) if valid else TEXT.filter(lambda v: v not in choices)
     elif rule is not None and rule.choices is not None:
+        named = {str(c) for c in rule.choices}  # TEXT can draw a choice itself ("B" of the DiT sizes)
         s = st.sampled_from(rule.choices) if valid else st.one_of(
-            st.integers(-10**6, 10**6).filter(lambda v: v not in rule.choices), TEXT)
+            st.integers(-10**6, 10**6).filter(lambda v: v not in rule.choices), TEXT.filter(lambda v: v not in named))
     elif tp is bool:
         s = st.booleans() if valid else st.one_of(st.integers(2, 9), TEXT.filter(lambda v: v.lower() not in (
             "true", "false", "yes", "no", "on", "off")))
