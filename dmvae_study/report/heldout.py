@@ -24,9 +24,11 @@ from dmvae_study.report.stats import mean_interval, paired, seed_of
 
 
 def held_out_folds(df: pd.DataFrame, floor: float) -> pd.DataFrame:
-    """One line per (prior, held-out seed) of a prior with two or more seeds: the pick made on the other
-    seeds (`pick`; NaN when no value meets `floor` there), how many values met the floor (`feasible`), and
-    the pick's `gfid` and `psnr` on the held-out seed (NaN when that seed has no finished trial there)."""
+    """One line per (prior, held-out seed) of a prior with two or more seeds: the pick that
+    `frontier.matched_table` makes on the other seeds' summary (`pick`; NaN when no value meets `floor`
+    there), how many values met the floor (`feasible`), and the pick's `gfid` and `psnr` on the held-out
+    seed (NaN when that seed has no finished trial there)."""
+    from dmvae_study.report.frontier import matched_table, summarise  # frontier imports this module
     ok = df[df["status"] == "ok"].assign(_seed=lambda d: d["row"].map(seed_of))
     ok = ok[ok["_seed"].notna()]
     records = []
@@ -35,12 +37,11 @@ def held_out_folds(df: pd.DataFrame, floor: float) -> pd.DataFrame:
         if len(seeds) < 2:
             continue
         for s in seeds:
-            means = g[g["_seed"] != s].groupby("weight")[["psnr", "gfid"]].mean()
-            feasible = means if math.isnan(floor) else means[means["psnr"] >= floor]
-            rec = {"prior": prior, "held_out_seed": int(s), "feasible": len(feasible), "pick": math.nan,
+            picked = matched_table(summarise(g[g["_seed"] != s]), floor).iloc[0]
+            rec = {"prior": prior, "held_out_seed": int(s), "feasible": int(picked["feasible"]), "pick": math.nan,
                    "gfid": math.nan, "psnr": math.nan}
-            if len(feasible):
-                w = float(feasible["gfid"].idxmin())
+            if picked["feasible"]:
+                w = float(picked["weight"])
                 test = g[(g["_seed"] == s) & np.isclose(g["weight"].astype(float), w)]
                 rec.update({"pick": w, "gfid": float(test["gfid"].mean()) if len(test) else math.nan,
                             "psnr": float(test["psnr"].mean()) if len(test) else math.nan})
