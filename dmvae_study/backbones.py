@@ -60,6 +60,13 @@ class Backbone(nn.Module):
                 m.eval()
         return self
 
+    def set_drop_path(self, rate: float) -> "Backbone":
+        """Stochastic depth while the backbone trains (DMD, `dmd.encoder_drop_path`); 0 = none, the default of
+        every backbone here, so a fine-tuned encoder's latents are deterministic like the official DINOv2's."""
+        if rate:
+            raise ValueError(f"{type(self).__name__} has no stochastic depth to set (drop path {rate}); use 0")
+        return self
+
     def unfreeze(self) -> "Backbone":
         """Make the backbone trainable (the DMD stage trains the whole encoder, Sec. 3.1)."""
         if getattr(self, "bn_fused", False):
@@ -186,11 +193,14 @@ class EfficientNetLite0Backbone(Backbone):
     FID-style feature space offline), `logits` the 1000 ImageNet logits."""
 
     def __init__(self, weights: str | Path | None = None, *, input_size: int | None = 224, frozen: bool = True,
-                 layer: str = "head"):
+                 layer: str = "head", drop_path: float = 0.0):
         from efficientnet_lite_pytorch import EfficientNet
         # mean 127/255 and std 128/255 on [0, 1] are exactly (x * 255 - 127) / 128.
         super().__init__(input_size, frozen, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
         self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The package builds Lite0 with its ImageNet recipe's drop connect (0.2, scaled by block depth), active
+        # whenever the net is in train mode; a fine-tuned encoder gets what `drop_path` says (default none).
+        self.set_drop_path(drop_path)
         if weights is not None:
             self.net.load_state_dict(load_torch_file(weights))
         if layer == "head":
@@ -206,6 +216,17 @@ class EfficientNetLite0Backbone(Backbone):
         self.weights_source = describe(weights) if weights is not None else "random-init"
         self.inlined_pads = inline_symmetric_padding(self.net)
         self._finish()
+
+    def set_drop_path(self, rate: float) -> "EfficientNetLite0Backbone":
+        """Drop connect of the MBConv blocks in train mode: `rate * block / 16` per block (the package's rule)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path must lie in [0, 1), got {rate}")
+        self.net._global_params = self.net._global_params._replace(drop_connect_rate=float(rate))
+        return self
+
+    @property
+    def drop_path(self) -> float:
+        return float(self.net._global_params.drop_connect_rate or 0.0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last: its depthwise convolutions run ~1.4x faster on CPU (and use cuDNN's NHWC kernels)

@@ -17,6 +17,7 @@ from dmvae_study.models.sizes import LIGHTNINGDIT_PRESETS
 
 DIT_SIZES = tuple(LIGHTNINGDIT_PRESETS)
 BETAS = each(UNIT_OPEN_HI)
+DROP_PATH_BACKBONES = ("efficientnet_lite0",)  # backbones whose stochastic depth dmd.encoder_drop_path sets
 OFFICIAL_BETAS = (0.9, 0.95)  # AdamW betas of every official DMVAE / LightningDiT optimiser
 
 
@@ -169,6 +170,10 @@ class DMDConfig(Section):
     total_steps: int = field(300_000, doc="joint training steps (Sec. 4: 300k)", rule=NONNEG)
     tokenizer_out: Literal["raw", "ema"] = field(
         "raw", doc="tokenizer handed to refinement: the raw weights (what the official train_dmd.py saves) or an EMA")
+    encoder_drop_path: float = field(
+        0.0, doc="stochastic depth of the pretrained backbone while DMD trains it (official: timm's DINOv2, "
+        "drop_path_rate 0: deterministic latents; EfficientNet-Lite0's own ImageNet recipe used 0.2)",
+        rule=UNIT_OPEN_HI)
 
     def validate(self) -> None:
         self.check(self.t_min < self.t_max, "t_max", f"must be > t_min={self.t_min}", 1.0)
@@ -281,6 +286,11 @@ class ExperimentConfig(Section):
                     key=f"{section}.batch_size")
         for section in ("tokenizer", "baseline"):
             check_grid(self, section)
+        if self.dmd.encoder_drop_path > 0 and self.tokenizer.backbone not in DROP_PATH_BACKBONES:
+            raise ConfigError(
+                f"dmd.encoder_drop_path={self.dmd.encoder_drop_path}: stochastic depth is built for "
+                f"{', '.join(DROP_PATH_BACKBONES)} only, not tokenizer.backbone={self.tokenizer.backbone!r}; "
+                f"set dmd.encoder_drop_path=0", key="dmd.encoder_drop_path")
 
 
 def latent_shape(cfg: ExperimentConfig, section: str = "tokenizer") -> tuple[int, int, int]:

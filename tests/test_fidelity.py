@@ -187,3 +187,36 @@ def test_a_prior_backbone_tokenizer_uses_its_own_feature_layer():
     ref_cfg = ref_cfg.replace(run=ref_cfg.run.replace(allow_random_weights=True))
     grid = lambda c: build_tokenizer(c, "ae", device="meta").encode(torch.zeros(1, 1, 32, 32, device="meta")).shape
     assert grid(ref_cfg) == grid(cfg)  # the same latent grid as the row's own tokenizer
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.2])
+def test_dmd_trains_the_lite0_encoder_without_stochastic_depth(drop_path):
+    """The official DMD encoder is timm's DINOv2 with drop_path_rate 0: in train mode it computes the same
+    deterministic latents as in eval mode, so DMD's first step sees the reference's latents (A.2) and the fake
+    score fits what the generator outputs. The `efficientnet_lite_pytorch` package builds Lite0 (the mini
+    preset's stand-in) with drop connect 0.2, which train mode applies; `dmd.encoder_drop_path` (default 0)
+    says what the DMD stage uses, and 0.2 reproduces the runs before this setting existed."""
+    from benchmarks.bench_dmd import DMDStep
+    s = DMDStep("mini", "tiny", batch=4, device=torch.device("cpu"), precision="fp32", cfg_scale=1.0,
+                vae_every=5, lpips=None, seed=0, overrides=[f"dmd.encoder_drop_path={drop_path}"])
+    tok = s.state.tok
+    assert tok.encoder.backbone.drop_path == drop_path and not tok.encoder.backbone_frozen
+    img = s.img_pool[:4]
+    with torch.no_grad():
+        tok.train()
+        z1, z2 = tok.encode(img), tok.encode(img)
+        tok.eval()
+        z_eval = tok.encode(img)
+    tok.train()
+    if drop_path == 0:
+        torch.testing.assert_close(z1, z_eval, rtol=0, atol=0)
+        torch.testing.assert_close(z2, z_eval, rtol=0, atol=0)
+    else:  # drop connect drops whole residual branches per sample in train mode
+        assert (z1 - z_eval).abs().max() > 1e-3 and (z1 - z2).abs().max() > 1e-3
+
+
+def test_encoder_drop_path_needs_a_backbone_with_stochastic_depth():
+    from dmvae_study.configlib import ConfigError
+    with pytest.raises(ConfigError, match="dmd.encoder_drop_path"):
+        preset("smoke", ["dmd.encoder_drop_path=0.1"])
+    assert preset("mini", ["dmd.encoder_drop_path=0.2"]).dmd.encoder_drop_path == 0.2

@@ -221,11 +221,26 @@ def test_derived_values_and_seeds_make_a_row_settings_table(tmp_path: Path) -> N
     settings = report.row_settings(report.load_study(study))
     assert settings is not None and settings["row"].tolist() == list(ROWS)
     assert list(settings.columns) == ["row", "seed", "dm_weight", "cfg_scale", "timestep_schedule", "tokenizer_kind",
-                                      "score_net_size"]
+                                      "score_net_size", "dmd_drop_path"]
     assert settings.loc[1, "dm_weight"] == 10.0 and settings.loc[1, "seed"] == 1
     assert settings.loc[2, "score_net_size"] == "[64,128]"
+    assert settings["dmd_drop_path"].tolist() == [None, 0.0, 0.0]  # vae has no DMD; no Lite0 encoder here
     md = report.build_report(study, max_points=0).read_text()
     assert "## Row settings" in md and "| dinov2 " in md and "anneal" in md
+    assert "stochastic depth in DMD" not in md
+    # a Lite0 DMVAE row written before dmd.encoder_drop_path existed ran with the package's drop connect, 0.2
+    path = study / "rows" / "gaussian.json"
+    m = json.loads(path.read_text())
+    m["config"]["tokenizer"] = {"backbone": "efficientnet_lite0"}
+    path.write_text(json.dumps(m))
+    assert report.row_settings(report.load_study(study))["dmd_drop_path"].tolist() == [None, 0.0, 0.2]
+    m["config"]["dmd"] = {"encoder_drop_path": 0.0}  # recorded: what the row ran with
+    path.write_text(json.dumps(m))
+    assert report.row_settings(report.load_study(study))["dmd_drop_path"].tolist() == [None, 0.0, 0.0]
+    m["config"]["dmd"] = {}
+    path.write_text(json.dumps(m))
+    md = report.build_report(study, max_points=0).read_text()
+    assert "stochastic depth in DMD.** Row(s) `gaussian` trained their encoder in DMD with drop connect 0.2" in md
     text = " ".join(_Page((study / "report" / "report.html").read_text()).text)
     assert "Row settings" in text and "anneal" in text and "[64,128]" in text and "–" in text  # vae: none derived
 

@@ -98,6 +98,8 @@ def make_state(ctx: StageContext, tok: nn.Module, ref_shape: tuple[int, int, int
     real = real.to(ctx.device).eval().requires_grad_(False)
     fake = copy.deepcopy(real).train().requires_grad_(True)
     tok.encoder.set_backbone_frozen(False)
+    if hasattr(tok.encoder.backbone, "set_drop_path"):  # conv encoders (smoke presets) have no stochastic depth
+        tok.encoder.backbone.set_drop_path(d.encoder_drop_path)
     head = build_head(latent_shape(cfg), ref_shape, d.head, hidden=d.head_hidden)
     vae = DMVAE(tok, head)
     dm = DistributionMatchingLoss(dm_weight=d.dm_weight, cfg_scale=d.cfg_scale)

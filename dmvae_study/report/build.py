@@ -78,6 +78,13 @@ def _header(study: Study) -> Section:
         parts.append(Para(f"**Warning: random-init weights.** Row(s) {', '.join(f'`{b}`' for b in bad)} ran with "
                           "randomly initialised backbones (pretrained weights missing, `run.allow_random_weights`): "
                           "their numbers check the pipeline; they do not measure the prior.", callout=True))
+    if noisy := [r.name for r in study.ordered_rows() if r.dmd_drop_path]:
+        rate = sorted({r.dmd_drop_path for r in study.rows.values() if r.dmd_drop_path})
+        parts.append(Para(f"**Note: stochastic depth in DMD.** Row(s) {', '.join(f'`{b}`' for b in noisy)} trained "
+                          f"their encoder in DMD with drop connect {', '.join(map(str, rate))} (EfficientNet-Lite0's "
+                          "package default, active in train mode; `dmd.encoder_drop_path`), so their DMD latents were "
+                          "stochastic. The paper's encoder (timm's DINOv2, drop path 0) is deterministic, which is "
+                          "the default since stop 40.", callout=True))
     if study.extractor not in ("inception", "?"):
         parts.append(Para(f"Note: FID here uses `{study.extractor}` features, not Inception: numbers are comparable "
                           "across rows of this study, not with published FIDs.", callout=True))

@@ -35,6 +35,18 @@ class StudyRow:
         """Baselines (vae, vavae) have no reference set and no DMD stage."""
         return "reference" not in self.artifacts
 
+    @property
+    def dmd_drop_path(self) -> float | None:
+        """The stochastic depth the DMD stage trained the encoder with (`dmd.encoder_drop_path`), None for a row
+        without DMD. Manifests written before the setting existed (stop 40) ran with the backbone's own rule:
+        EfficientNet-Lite0's package builds it with drop connect 0.2; the other backbones had none."""
+        if "dmd" not in self.artifacts:
+            return None
+        dmd = self.config.get("dmd", {})
+        if "encoder_drop_path" in dmd:
+            return float(dmd["encoder_drop_path"])
+        return 0.2 if self.config.get("tokenizer", {}).get("backbone") == "efficientnet_lite0" else 0.0
+
     def artifact(self, stage: str, file: str | None = None) -> Path | None:
         """The stage's folder (or a file in it) when it exists on disk, else None."""
         p = self.artifacts.get(stage)

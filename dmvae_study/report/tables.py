@@ -83,9 +83,13 @@ def row_settings(study: Study) -> pd.DataFrame | None:
     cfg_scale, timestep_schedule, ...); None when no manifest records any."""
     if not any(r.derived or r.seed is not None for r in study.rows.values()):
         return None
-    records = [{"row": r.name, "prior": r.prior, "seed": r.seed, **{k: _setting(v) for k, v in r.derived.items()}}
+    dmd = any(r.dmd_drop_path is not None for r in study.rows.values())
+    records = [{"row": r.name, "prior": r.prior, "seed": r.seed, **{k: _setting(v) for k, v in r.derived.items()},
+                **({"dmd_drop_path": _setting(r.dmd_drop_path)} if dmd else {})}  # recorded or the backbone's rule
                for r in study.ordered_rows()]
     df = pd.DataFrame(records, dtype=object)  # object: a seed column with gaps stays 1, not 1.0
+    if dmd:
+        df = df[[c for c in df.columns if c != "dmd_drop_path"] + ["dmd_drop_path"]]
     if df["seed"].isna().all():
         df = df.drop(columns="seed")
     if (df["prior"] == df["row"]).all():
