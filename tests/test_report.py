@@ -241,6 +241,9 @@ def test_derived_values_and_seeds_make_a_row_settings_table(tmp_path: Path) -> N
     path.write_text(json.dumps(m))
     md = report.build_report(study, max_points=0).read_text()
     assert "stochastic depth in DMD.** Row(s) `gaussian` trained their encoder in DMD with drop connect 0.2" in md
+    from dmvae_study.report.study import drop_path_notice  # the frontier page counts instead of naming
+    assert "** 1 of the 2 rows with a DMD stage trained" in drop_path_notice(
+        list(report.load_study(study).rows.values()), name_rows=False)
     text = " ".join(_Page((study / "report" / "report.html").read_text()).text)
     assert "Row settings" in text and "anneal" in text and "[64,128]" in text and "–" in text  # vae: none derived
 

@@ -13,7 +13,7 @@ import torch
 from dmvae_study.report.curves import STAGE_TITLES, plot_generator_curves, plot_stages
 from dmvae_study.report.page import (Bullets, Figures, Image, Para, Part, Section, Table, render_html,
                                      render_markdown)
-from dmvae_study.report.study import Study, load_study
+from dmvae_study.report.study import Study, drop_path_notice, load_study
 from dmvae_study.report.tables import TABLE_CAPTIONS, random_init_rows, row_settings, write_tables
 from dmvae_study.report.tsne import TSNE_PCA_DIM, plot_tsne
 from dmvae_study.store import atomic_write_bytes, atomic_write_text
@@ -78,13 +78,8 @@ def _header(study: Study) -> Section:
         parts.append(Para(f"**Warning: random-init weights.** Row(s) {', '.join(f'`{b}`' for b in bad)} ran with "
                           "randomly initialised backbones (pretrained weights missing, `run.allow_random_weights`): "
                           "their numbers check the pipeline; they do not measure the prior.", callout=True))
-    if noisy := [r.name for r in study.ordered_rows() if r.dmd_drop_path]:
-        rate = sorted({r.dmd_drop_path for r in study.rows.values() if r.dmd_drop_path})
-        parts.append(Para(f"**Note: stochastic depth in DMD.** Row(s) {', '.join(f'`{b}`' for b in noisy)} trained "
-                          f"their encoder in DMD with drop connect {', '.join(map(str, rate))} (EfficientNet-Lite0's "
-                          "package default, active in train mode; `dmd.encoder_drop_path`), so their DMD latents were "
-                          "stochastic. The paper's encoder (timm's DINOv2, drop path 0) is deterministic, which is "
-                          "the default since stop 40.", callout=True))
+    if notice := drop_path_notice(study.ordered_rows()):
+        parts.append(Para(notice, callout=True))
     if study.extractor not in ("inception", "?"):
         parts.append(Para(f"Note: FID here uses `{study.extractor}` features, not Inception: numbers are comparable "
                           "across rows of this study, not with published FIDs.", callout=True))

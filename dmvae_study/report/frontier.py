@@ -290,19 +290,11 @@ def default_reference_weight(root: Path) -> float | None:
     return baseline_defaults(root).get("vae")
 
 
-def drop_path_note(root: Path) -> list[str]:
-    """A paragraph naming the trials whose DMD trained the encoder with stochastic depth (`StudyRow.dmd_drop_path`:
-    EfficientNet-Lite0's drop connect before stop 40); none when there are none."""
-    from dmvae_study.report.study import load_manifests
-    dmd = [r for r in load_manifests(root).values() if r.dmd_drop_path is not None]
-    noisy = [r for r in dmd if r.dmd_drop_path]
-    if not noisy:
-        return []
-    rates = ", ".join(map(str, sorted({r.dmd_drop_path for r in noisy})))
-    return [f"**Note: stochastic depth in DMD.** {len(noisy)} of the {len(dmd)} trials with a DMD stage trained their "
-            f"encoder with drop connect {rates} (EfficientNet-Lite0's package default, active in train mode; "
-            "`dmd.encoder_drop_path`), so their DMD latents were stochastic. The paper's encoder (timm's DINOv2, drop "
-            "path 0) is deterministic, the default since stop 40. The beta-VAE points have no DMD stage.", ""]
+def drop_path_lines(root: Path) -> list[str]:
+    """The page's opening note on trials whose DMD encoder had stochastic depth (none: no lines)."""
+    from dmvae_study.report.study import drop_path_notice, load_manifests
+    notice = drop_path_notice(list(load_manifests(root).values()), name_rows=False)
+    return [notice, ""] if notice else []
 
 
 def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, psnr_margin: float = 1.0,
@@ -342,7 +334,7 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     plot_tradeoff(summary, out / "frontier_tradeoff.png")
     plot_pareto(summary, out / "frontier_pareto.png", floor)
     stopped = int(summary["stopped"].sum())
-    page = [f"# Frontier: {root.name}", "", *drop_path_note(root), "## Matched comparison", "", caption, "", shown, "",
+    page = [f"# Frontier: {root.name}", "", *drop_path_lines(root), "## Matched comparison", "", caption, "", shown, "",
             "Files: [matched.csv](matched.csv) · [frontier_summary.csv](frontier_summary.csv)", "",
             "## Matched against the heuristic (Table 1's weights)", ""]
     page += ranking_text(ranked, matched, frame, heuristic) + ["", "File: [ranking.csv](ranking.csv)", ""]

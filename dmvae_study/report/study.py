@@ -97,6 +97,22 @@ class Study:
         return [self.rows[r] for r in order] + [v for k, v in sorted(self.rows.items()) if k not in order]
 
 
+def drop_path_notice(rows: list[StudyRow], name_rows: bool = True) -> str | None:
+    """The sentence a report opens with when some of its rows trained the DMD encoder with stochastic depth
+    (`StudyRow.dmd_drop_path`); None when none did. `name_rows=False` counts them instead of naming them."""
+    dmd = [r for r in rows if r.dmd_drop_path is not None]
+    noisy = [r for r in dmd if r.dmd_drop_path]
+    if not noisy:
+        return None
+    which = (f"Row(s) {', '.join(f'`{r.name}`' for r in noisy)}" if name_rows
+             else f"{len(noisy)} of the {len(dmd)} rows with a DMD stage")
+    rates = ", ".join(map(str, sorted({r.dmd_drop_path for r in noisy})))
+    return (f"**Note: stochastic depth in DMD.** {which} trained their encoder in DMD with drop connect {rates} "
+            "(EfficientNet-Lite0's package default, active in train mode; `dmd.encoder_drop_path`), so their DMD "
+            "latents were stochastic. The paper's encoder (timm's DINOv2, drop path 0) is deterministic, which is the "
+            "default since stop 40.")
+
+
 def load_manifests(root: Path) -> dict[str, StudyRow]:
     """`rows/*.json` -> row name -> StudyRow (artifact paths resolved against the study folder).
     `derived` and `seed` are optional: manifests written before studies recorded them lack them."""
