@@ -83,7 +83,7 @@ class _Texts(Dataset):
           f"in SigLIP's place{'' if cfg.prior.captions else ', class-name captions'}")
 def build(ctx: BuildContext) -> ReferenceSet:
     """Text-encoder embeddings of per-image captions (or class templates), one token per image, reduced."""
-    from dmvae_study.backbones import build_text_encoder
+    from dmvae_study.text_encoders import build_text_encoder
     cfg = ctx.cfg
     items = training_items(ctx)
     if cfg.prior.captions:

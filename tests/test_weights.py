@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dmvae_study import weights as W
-from dmvae_study.backbones import build_backbone, build_text_encoder
+from dmvae_study.backbones import build_backbone
+from dmvae_study.text_encoders import build_text_encoder
 
 IMAGENET_COFFEE = {504, 967, 968}  # coffee mug, espresso, cup
 
