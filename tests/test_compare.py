@@ -1,0 +1,96 @@
+"""`python -m dmvae_study.report.compare`: after - before of two study folders, paired by seed, checked against
+scipy's paired t-test interval; the settings that changed; a reused row marked as the same computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from dmvae_study.report import compare as cmp
+from dmvae_study.report.study import load_study
+
+SEEDS = (0, 1, 2)
+
+
+def write_study(root: Path, gfid: dict[str, list[float]], psnr: dict[str, list[float]], drop_path: float | None,
+                out_dir: str) -> Path:
+    """A folder of committed parts (`rows/<row>-s<seed>.json` only, as docs/mini holds): a baseline whose eval
+    artifact both studies share (reused) and a DMVAE row whose DMD setting differs."""
+    (root / "rows").mkdir(parents=True)
+    for row in gfid:
+        for i, s in enumerate(SEEDS):
+            dmd = {"dm_weight": 1.0} | ({} if drop_path is None else {"encoder_drop_path": drop_path})
+            config = {"run": {"seed": s, "out_dir": out_dir}, "tokenizer": {"backbone": "efficientnet_lite0"},
+                      **({"dmd": dmd} if row != "vae" else {})}
+            ev = f"eval-{row}-{s}" if row == "vae" else f"eval-{row}-{s}-{drop_path}"
+            arts = {"eval": f"store/eval/{ev}", **({"dmd": f"store/dmd/dmd-{s}-{drop_path}"} if row != "vae" else {})}
+            label = f"{row}-s{s}"
+            record = {"row": label, "prior": row, "seed": s, "gfid": gfid[row][i], "psnr": psnr[row][i],
+                      "rfid": 50.0, "status": "ok"}
+            (root / "rows" / f"{label}.json").write_text(json.dumps(
+                {"row": label, "prior": row, "seed": s, "config": config, "summaries": {}, "artifacts": arts,
+                 "record": record}))
+    return root
+
+
+@pytest.fixture()
+def studies(tmp_path: Path) -> tuple[Path, Path, dict]:
+    rng = np.random.default_rng(0)
+    vae_g, vae_p = list(rng.normal(84, 3, 3)), list(rng.normal(26.5, 0.4, 3))
+    before_g, before_p = list(rng.normal(64, 3, 3)), list(rng.normal(23.7, 0.3, 3))
+    after_g = [g + d for g, d in zip(before_g, (0.5, 0.9, 0.7))]  # shifted consistently: resolved
+    after_p = [p + d for p, d in zip(before_p, (0.4, -0.9, 0.3))]  # inconsistent: not resolved
+    before = write_study(tmp_path / "before", {"vae": vae_g, "gaussian": before_g}, {"vae": vae_p, "gaussian": before_p},
+                         None, "/machine/a")
+    after = write_study(tmp_path / "after", {"vae": vae_g, "gaussian": after_g}, {"vae": vae_p, "gaussian": after_p},
+                        0.0, "/machine/b")
+    return before, after, {"gfid": (before_g, after_g), "psnr": (before_p, after_p)}
+
+
+def test_paired_differences_match_scipy_and_name_what_changed(studies) -> None:
+    before, after, values = studies
+    table = cmp.compare(load_study(before), load_study(after), ("gfid", "psnr")).set_index("row")
+    g = table.loc["gaussian"]
+    assert g["seeds"] == 3 and not g["same"]
+    for m, (b, a) in values.items():
+        ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+        assert g[f"{m}_diff"] == pytest.approx(np.mean(np.subtract(a, b)), abs=1e-12)
+        assert (g[f"{m}_lo"], g[f"{m}_hi"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+        assert g[f"{m}_before"] == pytest.approx(np.mean(b)) and g[f"{m}_after"] == pytest.approx(np.mean(a))
+    assert g["gfid_resolved"] and not g["psnr_resolved"]
+    # the setting the before manifests lack, not the machine path (run.out_dir does not change results)
+    assert g["changed"] == "dmd.encoder_drop_path: (not recorded) -> 0.0"
+    v = table.loc["vae"]
+    assert v["same"] and v["gfid_diff"] == 0.0 and v["changed"] == ""
+
+
+def test_cli_prints_the_table_and_writes_csv(studies, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before, after, _ = studies
+    out = tmp_path / "cmp.csv"
+    assert cmp.main([str(before), str(after), "--metrics", "gfid,psnr", "--per-seed", "--csv", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| vae | 3 |" in text and "(same computation)" in text
+    assert "**resolved**" in text.split("| gaussian |")[1].split("\n")[0]
+    assert "- gaussian: `dmd.encoder_drop_path: (not recorded) -> 0.0`" in text
+    assert "| gaussian-s2 |" in text
+    assert sorted(pd.read_csv(out)["row"]) == ["gaussian", "vae"]
+    assert cmp.main([str(before), str(after), "--rows", "gaussian"]) == 0
+    assert "| vae |" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{b}", "{t}/missing"], "no study folder"),
+    (["{b}", "{a}", "--metrics", "fid"], "unknown metric(s) fid; choose from"),
+    (["{b}", "{a}", "--rows", "dinov2"], "share no row among dinov2"),
+])
+def test_bad_input_is_refused_with_the_fix(studies, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           argv: list[str], message: str) -> None:
+    before, after, _ = studies
+    args = [a.format(b=before, a=after, t=tmp_path) for a in argv]
+    assert cmp.main(args) == 2
+    assert message in capsys.readouterr().err
