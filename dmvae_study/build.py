@@ -33,7 +33,7 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
         v = state[k]
         if torch.is_tensor(v):
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return h.hexdigest()[:16]
 
 

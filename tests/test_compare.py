@@ -18,7 +18,7 @@ SEEDS = (0, 1, 2)
 
 
 def write_study(root: Path, gfid: dict[str, list[float]], psnr: dict[str, list[float]], drop_path: float | None,
-                out_dir: str) -> Path:
+                out_dir: str, scales: tuple[float, ...] = (1.0, 1.1, 1.2)) -> Path:
     """A folder of committed parts (`rows/<row>-s<seed>.json` only, as docs/mini holds): a baseline whose eval
     artifact both studies share (reused) and a DMVAE row whose DMD setting differs."""
     (root / "rows").mkdir(parents=True)
@@ -28,12 +28,15 @@ def write_study(root: Path, gfid: dict[str, list[float]], psnr: dict[str, list[f
             config = {"run": {"seed": s, "out_dir": out_dir}, "tokenizer": {"backbone": "efficientnet_lite0"},
                       **({"dmd": dmd} if row != "vae" else {})}
             ev = f"eval-{row}-{s}" if row == "vae" else f"eval-{row}-{s}-{drop_path}"
-            arts = {"eval": f"store/eval/{ev}", **({"dmd": f"store/dmd/dmd-{s}-{drop_path}"} if row != "vae" else {})}
+            arts = {"eval": f"store/eval/{ev}", "tokenizer": f"store/tokenizer/tokenizer-{row if row == 'vae' else 'ae'}-{s}",
+                    **({"dmd": f"store/dmd/dmd-{s}-{drop_path}", "reference": f"store/reference/ref-{row}-{s}"}
+                       if row != "vae" else {})}
+            summaries = {"tokenizer": {"latent_mean": 0.0, "latent_scale": 2.0 if row == "vae" else scales[i]}}
             label = f"{row}-s{s}"
             record = {"row": label, "prior": row, "seed": s, "gfid": gfid[row][i], "psnr": psnr[row][i],
                       "rfid": 50.0, "status": "ok"}
             (root / "rows" / f"{label}.json").write_text(json.dumps(
-                {"row": label, "prior": row, "seed": s, "config": config, "summaries": {}, "artifacts": arts,
+                {"row": label, "prior": row, "seed": s, "config": config, "summaries": summaries, "artifacts": arts,
                  "record": record}))
     return root
 
@@ -48,7 +51,7 @@ def studies(tmp_path: Path) -> tuple[Path, Path, dict]:
     before = write_study(tmp_path / "before", {"vae": vae_g, "gaussian": before_g}, {"vae": vae_p, "gaussian": before_p},
                          None, "/machine/a")
     after = write_study(tmp_path / "after", {"vae": vae_g, "gaussian": after_g}, {"vae": vae_p, "gaussian": after_p},
-                        0.0, "/machine/b")
+                        0.0, "/machine/b", scales=(1.0, 1.15, 1.2))  # seed 1's shared tokenizer was retrained
     return before, after, {"gfid": (before_g, after_g), "psnr": (before_p, after_p)}
 
 
@@ -65,8 +68,30 @@ def test_paired_differences_match_scipy_and_name_what_changed(studies) -> None:
     assert g["gfid_resolved"] and not g["psnr_resolved"]
     # the setting the before manifests lack, not the machine path (run.out_dir does not change results)
     assert g["changed"] == "dmd.encoder_drop_path: (not recorded) -> 0.0"
+    assert g["weights_differ"] == "s1: tokenizer"  # same key, other weights: the pair carries its noise too
     v = table.loc["vae"]
-    assert v["same"] and v["gfid_diff"] == 0.0 and v["changed"] == ""
+    assert v["same"] and v["gfid_diff"] == 0.0 and v["changed"] == "" and v["weights_differ"] == ""
+
+
+def test_rows_of_one_seed_on_different_weights_under_one_key_are_named(tmp_path: Path) -> None:
+    """`shared_weights_notice`: DMVAE rows of one seed share the tokenizer artifact key; one retrained with other
+    weights (a lost store, another machine) is named, by the fingerprint when recorded, else its latent stats."""
+    from dmvae_study.report.study import load_manifests, shared_weights_notice
+    g = {"gaussian": [60.0, 61.0, 62.0], "gmm": [58.0, 59.0, 60.0], "vae": [84.0, 85.0, 86.0]}
+    root = write_study(tmp_path / "s", g, {k: [23.0] * 3 for k in g}, 0.0, "/m")
+    assert shared_weights_notice(list(load_manifests(root).values())) is None
+    m = json.loads((root / "rows" / "gmm-s1.json").read_text())
+    m["summaries"]["tokenizer"]["latent_scale"] = 1.05
+    (root / "rows" / "gmm-s1.json").write_text(json.dumps(m))
+    rows = list(load_manifests(root).values())
+    text = shared_weights_notice(rows)
+    assert "seed 1 (2 under `tokenizer-ae-1`): latent mean 0.0000, scale 1.1000 (`gaussian-s1`); " \
+           "latent mean 0.0000, scale 1.0500 (`gmm-s1`)" in text
+    assert "seed 0" not in text and "vae" not in text  # a baseline trains its own tokenizer
+    assert "(1 row); " in shared_weights_notice(rows, name_rows=False)
+    m["summaries"]["tokenizer"]["fingerprint"] = "abc123"
+    (root / "rows" / "gmm-s1.json").write_text(json.dumps(m))
+    assert "abc123 (`gmm-s1`)" in shared_weights_notice(list(load_manifests(root).values()))
 
 
 def test_cli_prints_the_table_and_writes_csv(studies, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,3 +115,17 @@ def test_smoke_pipeline_two_ray_workers(tmp_path, monkeypatch):
     assert 0 < ev["psnr"] < 60 and ev["gfid_lite0"] > 0 and ev["rfid_lite0"] >= 0
     assert res["reference"]["world"] == 2  # feature extraction was sharded over the workers
     assert artifact(cfg, "eval").file("samples.png").stat().st_size > 0
+
+
+def test_a_finished_tokenizer_records_its_weights_fingerprint_and_host(tmp_path):
+    """Two trainings under one artifact key can differ (a store lost and retrained on another machine: CPU training
+    is not bit-reproducible across hosts), so the summary records which weights and where: the fingerprint of the
+    saved state, and the host that ran the stage (every stage)."""
+    from dmvae_study.build import state_fingerprint
+    cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "tokenizer.total_steps=2", "tokenizer.batch_size=8",
+                                   "data.train_limit=32", "run.log_every=1"]), "vae")
+    run_pipeline(cfg, stages=["tokenizer"])
+    art = artifact(cfg, "tokenizer")
+    summary = art.summary()
+    assert summary["fingerprint"] == state_fingerprint(load_torch(art.file("tokenizer.pt"))["state"])
+    assert f"torch {torch.__version__}" in summary["host"] and "thread" in summary["host"]

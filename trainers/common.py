@@ -52,7 +52,35 @@ def run_stage(name: str, cfg: ExperimentConfig, opts: LaunchOptions | None = Non
     ctx = StageContext.create(cfg, name, opts)
     if ctx.is_main:
         art.write_config(artifact_key(cfg, name))
-    return STAGES[name].body()(ctx, art)
+    out = STAGES[name].body()(ctx, art)
+    if ctx.is_main and art.done:  # where it ran, beside what it made: CPU training is not bit-reproducible across hosts
+        summary = art.summary()
+        if "host" not in summary:
+            summary["host"] = host_facts(ctx.device, ctx.world)
+            art.mark_done(summary)
+        out = {**(out or {}), "host": summary["host"]}
+    return out
+
+
+def host_facts(device: torch.device, world: int = 1) -> str:
+    """`<CPU or GPU model> · torch <version> · <n> thread(s) [· <world> workers]`: what a stage's numbers depend on
+    beyond its config (float round-off differs between CPU kernels, thread counts and GPUs)."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                    "") or os.uname().machine
+    text = f"{chip} · torch {torch.__version__} · {torch.get_num_threads()} thread(s)"
+    return text + (f" · {world} workers" if world > 1 else "")
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dmvae_study.build import build_tokenizer
+from dmvae_study.build import build_tokenizer, state_fingerprint
 from dmvae_study.config import ExperimentConfig, latent_shape
 from dmvae_study.data import build_dataset
 from dmvae_study.models.autoencoder import AlignmentProjection, TokenizerWithAlignment
@@ -191,10 +191,11 @@ def finish_tokenizer(ctx: StageContext, art: ArtifactDir, kind: str, tok: nn.Mod
                 with ctx.autocast():
                     yield tok.encode(img).float()
         mean, scale = tok.measure_latent_stats(latents())
-        save_torch(art.file("tokenizer.pt"), {"config": ctx.cfg.to_dict(), "kind": kind,
-                                              "state": {k: v.cpu() for k, v in tok.state_dict().items()}})
+        state = {k: v.cpu() for k, v in tok.state_dict().items()}
+        save_torch(art.file("tokenizer.pt"), {"config": ctx.cfg.to_dict(), "kind": kind, "state": state})
         save_torch(art.file("disc.pt"), unwrap(disc).state_dict())
-        summary.update({"latent_mean": mean, "latent_scale": scale, "kind": kind})
+        # the fingerprint tells apart two trainings under one key (a store lost and retrained on another machine)
+        summary.update({"latent_mean": mean, "latent_scale": scale, "kind": kind, "fingerprint": state_fingerprint(state)})
         bad: set[str] | None = None
         for d in (ds, plain):  # unreadable images skipped (and warned about) by training and the stats pass
             while isinstance(d, torch.utils.data.Subset):

@@ -13,7 +13,7 @@ import torch
 from dmvae_study.report.curves import STAGE_TITLES, plot_generator_curves, plot_stages
 from dmvae_study.report.page import (Bullets, Figures, Image, Para, Part, Section, Table, render_html,
                                      render_markdown)
-from dmvae_study.report.study import Study, drop_path_notice, load_study
+from dmvae_study.report.study import Study, drop_path_notice, load_study, shared_weights_notice
 from dmvae_study.report.tables import TABLE_CAPTIONS, random_init_rows, row_settings, write_tables
 from dmvae_study.report.tsne import TSNE_PCA_DIM, plot_tsne
 from dmvae_study.store import atomic_write_bytes, atomic_write_text
@@ -78,8 +78,9 @@ def _header(study: Study) -> Section:
         parts.append(Para(f"**Warning: random-init weights.** Row(s) {', '.join(f'`{b}`' for b in bad)} ran with "
                           "randomly initialised backbones (pretrained weights missing, `run.allow_random_weights`): "
                           "their numbers check the pipeline; they do not measure the prior.", callout=True))
-    if notice := drop_path_notice(study.ordered_rows()):
-        parts.append(Para(notice, callout=True))
+    for notice in (drop_path_notice(study.ordered_rows()), shared_weights_notice(study.ordered_rows())):
+        if notice:
+            parts.append(Para(notice, callout=True))
     if study.extractor not in ("inception", "?"):
         parts.append(Para(f"Note: FID here uses `{study.extractor}` features, not Inception: numbers are comparable "
                           "across rows of this study, not with published FIDs.", callout=True))
@@ -119,7 +120,7 @@ def _seed_sections(study: Study, out: Path) -> list[Section]:
         parts += [Para(f"{name} difference of each pair of rows (a - b) with its 95% interval (Welch): *resolved* "
                        f"when the interval excludes 0, i.e. the seeds tell the two rows apart. `paired_*`: the same "
                        f"difference paired by seed over the seeds both rows have (Student t; a seed's rows share its "
-                       f"data order and, for the priors, its tokenizer). File: [{file}]({file})."),
+                       f"data order and, for the priors, its tokenizer artifact). File: [{file}]({file})."),
                   Table(pairs.round(3))]
     return [Section("Seeds and intervals", parts)]
 

@@ -45,6 +45,21 @@ def changed_settings(before: StudyRow, after: StudyRow) -> dict[str, tuple[Any, 
             if a.get(k, ABSENT) != b.get(k, ABSENT) and (not k.startswith("run.") or k in keep)}
 
 
+def differing_weights(before: StudyRow | None, after: StudyRow | None,
+                      stages: tuple[str, ...] = ("tokenizer", "teacher")) -> list[str]:
+    """The stages among `stages` that both manifests ran under one artifact key but with different weights
+    (`StudyRow.weights_id`): retrained, not reused, so the comparison carries that stage's noise too."""
+    if before is None or after is None:
+        return []
+    out = []
+    for st in stages:
+        ka, kb = before.artifacts.get(st), after.artifacts.get(st)
+        wa, wb = before.weights_id(st), after.weights_id(st)
+        if ka is not None and kb is not None and ka.name == kb.name and wa and wb and wa != wb:
+            out.append(st)
+    return out
+
+
 def _same_computation(before: StudyRow | None, after: StudyRow | None) -> bool:
     ea, eb = (r.artifacts.get("eval") if r is not None else None for r in (before, after))
     return ea is not None and eb is not None and ea.name == eb.name
@@ -60,8 +75,9 @@ def compare(before: Study, after: Study, metrics: tuple[str, ...] = METRICS,
             rows: list[str] | None = None) -> pd.DataFrame:
     """One line per row both studies hold (in AFTER's order; `rows` picks some): `seeds` (common), per metric
     `<m>_before`, `<m>_after` (means over the common seeds), `<m>_diff`, `<m>_lo`, `<m>_hi` (after - before,
-    paired by seed, Student t), `<m>_resolved`; `same` (same evaluation artifact) and `changed` (the settings
-    that differ, `key: before -> after`, from the first common seed's manifests)."""
+    paired by seed, Student t), `<m>_resolved`; `same` (same evaluation artifact), `weights_differ` (seeds whose
+    tokenizer or teacher was retrained under its key with other weights) and `changed` (the settings that differ,
+    `key: before -> after`, from the first common seed's manifests)."""
     ga, gb = _groups(before), _groups(after)
     names = [r for r in gb if r in ga and (rows is None or r in rows)]
     records = []
@@ -77,6 +93,9 @@ def compare(before: Study, after: Study, metrics: tuple[str, ...] = METRICS,
             rec.update({f"{m}_before": float(y.loc[common].mean()) if n else math.nan,
                         f"{m}_after": float(x.loc[common].mean()) if n else math.nan,
                         f"{m}_diff": diff, f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_resolved": bool(lo > 0 or hi < 0)})
+        rec["weights_differ"] = "; ".join(
+            f"s{sd}: {', '.join(st)}" for sd in seeds
+            if (st := differing_weights(before.rows.get(la[sd]), after.rows.get(lb[sd]))))
         ra, rb = (before.rows.get(la[seeds[0]]), after.rows.get(lb[seeds[0]])) if seeds else (None, None)
         rec["same"] = _same_computation(ra, rb)
         rec["changed"] = "; ".join(f"{k}: {_show(v0)} -> {_show(v1)}" for k, (v0, v1) in
@@ -138,6 +157,10 @@ def to_markdown(cmp: pd.DataFrame, before: str, after: str, metrics: tuple[str, 
              "| row | seeds | " + " | ".join(metrics) + " |", "|---" * (2 + len(metrics)) + "|"]
     for _, r in cmp.iterrows():
         lines.append(f"| {r['row']} | {r['seeds']} | " + " | ".join(_cell(r, m) for m in metrics) + " |")
+    differ = [(r["row"], r["weights_differ"]) for _, r in cmp.iterrows() if r.get("weights_differ")]
+    if differ:
+        lines += ["", "Retrained under the same artifact key, with different weights (the difference then carries that "
+                      "stage's seed noise too): " + "; ".join(f"{row} ({w})" for row, w in differ) + "."]
     changed = sorted({c for c in cmp["changed"] if c}) if len(cmp) else []
     if changed:
         lines += ["", "Settings that differ (the first common seed's manifests):"]

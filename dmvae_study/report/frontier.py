@@ -290,11 +290,13 @@ def default_reference_weight(root: Path) -> float | None:
     return baseline_defaults(root).get("vae")
 
 
-def drop_path_lines(root: Path) -> list[str]:
-    """The page's opening note on trials whose DMD encoder had stochastic depth (none: no lines)."""
-    from dmvae_study.report.study import drop_path_notice, load_manifests
-    notice = drop_path_notice(list(load_manifests(root).values()), name_rows=False)
-    return [notice, ""] if notice else []
+def notice_lines(root: Path) -> list[str]:
+    """The page's opening notes (none: no lines): trials whose DMD encoder had stochastic depth, and seeds whose
+    trials started from different tokenizer weights under one artifact key."""
+    from dmvae_study.report.study import drop_path_notice, load_manifests, shared_weights_notice
+    rows = list(load_manifests(root).values())
+    notices = (drop_path_notice(rows, name_rows=False), shared_weights_notice(rows, name_rows=False))
+    return [line for n in notices if n for line in (n, "")]
 
 
 def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, psnr_margin: float = 1.0,
@@ -334,7 +336,7 @@ def build_frontier(results_dir: str | Path, out_dir: str | Path | None = None, p
     plot_tradeoff(summary, out / "frontier_tradeoff.png")
     plot_pareto(summary, out / "frontier_pareto.png", floor)
     stopped = int(summary["stopped"].sum())
-    page = [f"# Frontier: {root.name}", "", *drop_path_lines(root), "## Matched comparison", "", caption, "", shown, "",
+    page = [f"# Frontier: {root.name}", "", *notice_lines(root), "## Matched comparison", "", caption, "", shown, "",
             "Files: [matched.csv](matched.csv) · [frontier_summary.csv](frontier_summary.csv)", "",
             "## Matched against the heuristic (Table 1's weights)", ""]
     page += ranking_text(ranked, matched, frame, heuristic) + ["", "File: [ranking.csv](ranking.csv)", ""]

@@ -47,6 +47,18 @@ class StudyRow:
             return float(dmd["encoder_drop_path"])
         return 0.2 if self.config.get("tokenizer", {}).get("backbone") == "efficientnet_lite0" else 0.0
 
+    def weights_id(self, stage: str) -> str | None:
+        """Which weights the row's `stage` artifact (tokenizer or teacher) holds: the fingerprint its summary
+        records, else, for a tokenizer finished before it recorded one (stop 41), its measured latent mean and
+        scale, which its weights determine. Two rows with one artifact key can differ here: a stage retrained
+        after its store was lost (CPU training is not bit-reproducible across machines) keeps its key."""
+        s = self.summaries.get(stage) or {}
+        if s.get("fingerprint"):
+            return str(s["fingerprint"])
+        if stage == "tokenizer" and s.get("latent_scale") is not None:
+            return f"latent mean {s['latent_mean']:.4f}, scale {s['latent_scale']:.4f}"
+        return None
+
     def artifact(self, stage: str, file: str | None = None) -> Path | None:
         """The stage's folder (or a file in it) when it exists on disk, else None."""
         p = self.artifacts.get(stage)
@@ -111,6 +123,31 @@ def drop_path_notice(rows: list[StudyRow], name_rows: bool = True) -> str | None
             "(EfficientNet-Lite0's package default, active in train mode; `dmd.encoder_drop_path`), so their DMD "
             "latents were stochastic. The paper's encoder (timm's DINOv2, drop path 0) is deterministic, which is the "
             "default since stop 40.")
+
+
+def shared_weights_notice(rows: list[StudyRow], name_rows: bool = True) -> str | None:
+    """The sentence a report opens with when rows of one seed that share a tokenizer artifact key (the DMVAE rows)
+    started from different tokenizer weights (`StudyRow.weights_id`); None when each key held one set of weights.
+    `name_rows=False` counts the rows instead of naming them."""
+    groups: dict[tuple[int, str], dict[str, list[str]]] = {}
+    for r in rows:
+        art, wid = r.artifacts.get("tokenizer"), r.weights_id("tokenizer")
+        if r.is_baseline or r.seed is None or art is None or wid is None:
+            continue
+        groups.setdefault((r.seed, art.name), {}).setdefault(wid, []).append(r.name)
+    split = {k: v for k, v in sorted(groups.items()) if len(v) > 1}
+    if not split:
+        return None
+
+    def who(names: list[str]) -> str:
+        return ", ".join(f"`{n}`" for n in names) if name_rows else f"{len(names)} row{'s' * (len(names) > 1)}"
+    parts = [f"seed {seed} ({len(ids)} under `{key}`): " + "; ".join(f"{wid} ({who(names)})" for wid, names in ids.items())
+             for (seed, key), ids in split.items()]
+    return ("**Note: one artifact key, different weights.** Rows of one seed started from different tokenizers "
+            "under the same artifact key: " + "; ".join(parts) + ". A tokenizer retrained after its store was lost "
+            "keeps its key, and CPU training is not bit-reproducible across machines. Paired-by-seed intervals stay "
+            "valid (the seeds are still independent), but what a seed's rows share is their data order and "
+            "initialisation, not always their tokenizer.")
 
 
 def load_manifests(root: Path) -> dict[str, StudyRow]:
