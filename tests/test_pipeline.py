@@ -129,3 +129,17 @@ def test_a_finished_tokenizer_records_its_weights_fingerprint_and_host(tmp_path)
     summary = art.summary()
     assert summary["fingerprint"] == state_fingerprint(load_torch(art.file("tokenizer.pt"))["state"])
     assert f"torch {torch.__version__}" in summary["host"] and "thread" in summary["host"]
+
+
+def test_a_stage_resumed_at_its_final_checkpoint_keeps_its_summary(tmp_path):
+    """A stage that failed while finishing (after its final checkpoint) resumes there and runs no step; its summary
+    still carries the last logged metrics (before, `loss/fm` here and DMD's `match/swd` came back None: two rows of
+    the stop-41 mini rerun lost their matching distance that way)."""
+    cfg = resolve(preset("smoke", [f"run.out_dir={tmp_path}", "teacher.total_steps=4", "run.checkpoint_every=2",
+                                   "run.log_every=2"]))
+    _reference(cfg)
+    first = teacher.train_loop(cfg)
+    art = artifact(cfg, "teacher")
+    (art.path / "DONE").unlink()  # as if the stage died after saving its step-4 checkpoint
+    again = teacher.train_loop(cfg)
+    assert first["loss/fm"] is not None and again["loss/fm"] == first["loss/fm"]

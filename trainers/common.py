@@ -373,6 +373,22 @@ def apply_update(ctx: StageContext, step: int, loss: torch.Tensor, opt: Optim, s
     return True
 
 
+def last_flushed(art: ArtifactDir) -> dict[str, Any]:
+    """The last complete record of the stage's `metrics.jsonl` (a torn last line skipped), `{}` without one: what a
+    loop returns when it resumes at its final checkpoint and runs no step (the stage failed while finishing)."""
+    path = art.file("metrics.jsonl")
+    last: dict[str, Any] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                last = rec
+    return last
+
+
 def loop_tail(ctx: StageContext, art: ArtifactDir, step: int, total: int, images_per_step: int,
               state: dict[str, Any], extra: Any = None) -> dict | None:
     """End of a loop iteration: flush metrics every `run.log_every` (and at the end), checkpoint every

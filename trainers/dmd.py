@@ -32,7 +32,7 @@ from dmvae_study.objectives.recon import ReconstructionLoss
 from dmvae_study.pipeline import LaunchOptions, artifact
 from dmvae_study.reference import ReferenceSet
 from dmvae_study.store import ArtifactDir, load_torch, save_torch
-from trainers.common import EMA, Optim, StageContext, apply_update, loop_tail, progress, resume, run_stage
+from trainers.common import EMA, Optim, StageContext, apply_update, last_flushed, loop_tail, progress, resume, run_stage
 from trainers.tokenizer import build_discriminator, build_recon_loss, finish_tokenizer
 
 
@@ -178,7 +178,7 @@ def run(ctx: StageContext, art: ArtifactDir) -> dict[str, Any]:
     start = resume(ctx, art, state)
     ds = build_dataset(cfg.data, "train")
     batches = ctx.image_batches(ds, d.batch_size, start, d.total_steps)
-    last: dict = {}
+    last: dict = last_flushed(art)  # replaced by the loop's final flush unless it resumes at the end
     for i in progress(ctx, start, d.total_steps):
         ctx.maybe_inject_fault(i, art)
         img, y_img = next(batches)

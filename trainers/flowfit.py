@@ -13,7 +13,7 @@ from dmvae_study.build import build_dit
 from dmvae_study.config import GeneratorConfig, TeacherConfig
 from dmvae_study.objectives.flow import FlowMatchingLoss, sample_t
 from dmvae_study.store import ArtifactDir
-from trainers.common import EMA, Optim, StageContext, apply_update, loop_tail, progress, resume
+from trainers.common import EMA, Optim, StageContext, apply_update, last_flushed, loop_tail, progress, resume
 
 
 @dataclass
@@ -69,7 +69,7 @@ def fit_flow_model(ctx: StageContext, art: ArtifactDir, x_all: torch.Tensor, y_a
     s = setup(ctx, dcfg, tuple(x_all.shape[1:]), num_classes)
     state = s.checkpoint()
     start = resume(ctx, art, state)
-    last: dict = {}
+    last: dict = last_flushed(art)  # replaced by the loop's final flush unless it resumes at the end
     for i in progress(ctx, start, dcfg.total_steps):
         ctx.maybe_inject_fault(i, art)
         idx = ctx.batch_indices(x_all.shape[0], dcfg.batch_size, i)
