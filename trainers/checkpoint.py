@@ -3,6 +3,7 @@ written atomically by the main rank; a resumed run continues exactly where an un
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -89,3 +90,19 @@ def save(ctx: StageContext, art: ArtifactDir, step: int, modules: dict[str, Any]
     if ctx.is_main:
         art.save_checkpoint(step, checkpoint_state(modules, rng))
     ctx.barrier()
+
+
+def last_flushed(art: ArtifactDir) -> dict[str, Any]:
+    """The last complete record of the stage's `metrics.jsonl` (a torn last line skipped), `{}` without one: what a
+    loop returns when it resumes at its final checkpoint and runs no step (the stage failed while finishing)."""
+    path = art.file("metrics.jsonl")
+    last: dict[str, Any] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                last = rec
+    return last

@@ -31,7 +31,7 @@ from dmvae_study.config import ExperimentConfig
 from dmvae_study.loaders import GlobalBatches, hash_seed, step_loader
 from dmvae_study.pipeline import STAGES, LaunchOptions, artifact, artifact_key, resolve
 from dmvae_study.store import ArtifactDir, atomic_write_text
-from trainers.checkpoint import checkpoint_state, restore_state, resume, save  # noqa: F401 (the stages' API)
+from trainers.checkpoint import checkpoint_state, last_flushed, restore_state, resume, save  # noqa: F401 (the stages' API)
 from trainers.ema import EMA, unwrap  # noqa: F401 (the stages' API)
 
 log = logging.getLogger("dmvae_study")
@@ -371,22 +371,6 @@ def apply_update(ctx: StageContext, step: int, loss: torch.Tensor, opt: Optim, s
     gn = opt.step(loss)
     ctx.log(step, stats if gn is None else {**stats, f"grad_norm/{ctx.stage}": gn})
     return True
-
-
-def last_flushed(art: ArtifactDir) -> dict[str, Any]:
-    """The last complete record of the stage's `metrics.jsonl` (a torn last line skipped), `{}` without one: what a
-    loop returns when it resumes at its final checkpoint and runs no step (the stage failed while finishing)."""
-    path = art.file("metrics.jsonl")
-    last: dict[str, Any] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                last = rec
-    return last
 
 
 def loop_tail(ctx: StageContext, art: ArtifactDir, step: int, total: int, images_per_step: int,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from dmvae_study.configlib import flatten
 from dmvae_study.report.stats import base_row, by_seed, paired, seed_of
 from dmvae_study.report.study import Study, StudyRow, load_study
 
@@ -26,20 +27,12 @@ METRICS = ("psnr", "rfid", "gfid", "matching_swd")
 ABSENT = "(not recorded)"
 
 
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> dotted keys (`{"dmd": {"dm_weight": 10}}` -> `{"dmd.dm_weight": 10}`)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def changed_settings(before: StudyRow, after: StudyRow) -> dict[str, tuple[Any, Any]]:
     """Dotted config keys whose value differs between two manifests of one row, `{key: (before, after)}`
     (ABSENT where a manifest lacks the key: written before the setting existed). Run fields that do not
     change results (paths, workers, allocator) are left out: only `pipeline.RUN_KEYS` count."""
     from dmvae_study.pipeline import RUN_KEYS
-    a, b = flat(before.config), flat(after.config)
+    a, b = flatten(before.config), flatten(after.config)
     keep = {f"run.{k}" for k in RUN_KEYS}
     return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
             if a.get(k, ABSENT) != b.get(k, ABSENT) and (not k.startswith("run.") or k in keep)}
