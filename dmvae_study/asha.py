@@ -9,13 +9,14 @@ rationale for the signal and its window is in the docstring of `studies/frontier
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+
+from dmvae_study.store import read_jsonl
 
 TIME_ATTR = "dmd/step"
 SIGNAL_WINDOW = 3   # a rung compares the mean signal of a row's last 3 DMD reports
@@ -67,8 +68,7 @@ def dmd_reports(curve: Path) -> list[dict[str, float]]:
     """A DMD stage's `metrics.jsonl` (or an archived `curves/dmd.jsonl`) as Tune reports (`dmd/` keys), one
     per logged step (the last line of a step wins: a resumed stage logs its step again), in step order."""
     by_step: dict[int, dict[str, float]] = {}
-    for line in curve.read_text().splitlines():
-        d = json.loads(line) if line.strip() else {}
+    for d in read_jsonl(curve):
         if "step" in d and "match/swd" in d and "loss/rec" in d:
             by_step[int(d["step"])] = {TIME_ATTR: int(d["step"]), "dmd/loss/rec": d["loss/rec"],
                                        "dmd/match/swd": d["match/swd"]}

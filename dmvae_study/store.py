@@ -107,6 +107,20 @@ def verify(path: str | Path) -> None:
             raise CorruptArtifactError(f"{path} is corrupt: sha256 {got[:12]} != recorded {want[:12]}")
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an append-only JSONL log (a stage's `metrics.jsonl`), in file order; blank lines and a torn
+    line (a crash mid-write) are skipped."""
+    recs = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    return recs
+
+
 def save_torch(path: str | Path, obj: Any) -> Path:
     """torch.save to bytes, then an atomic checksummed write (tensors and plain containers only)."""
     buf = io.BytesIO()

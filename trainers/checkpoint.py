@@ -3,7 +3,6 @@ written atomically by the main rank; a resumed run continues exactly where an un
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dmvae_study.store import ArtifactDir
+from dmvae_study.store import ArtifactDir, read_jsonl
 from trainers.ema import EMA, unwrap
 
 if TYPE_CHECKING:
@@ -96,13 +95,5 @@ def last_flushed(art: ArtifactDir) -> dict[str, Any]:
     """The last complete record of the stage's `metrics.jsonl` (a torn last line skipped), `{}` without one: what a
     loop returns when it resumes at its final checkpoint and runs no step (the stage failed while finishing)."""
     path = art.file("metrics.jsonl")
-    last: dict[str, Any] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                last = rec
-    return last
+    recs = read_jsonl(path) if path.exists() else []
+    return recs[-1] if recs else {}

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 
 from dmvae_study.report.stats import base_row
 from dmvae_study.report.study import Study, StudyRow
-from dmvae_study.store import atomic_write_bytes
+from dmvae_study.store import atomic_write_bytes, read_jsonl
 
 DPI = 110
 CURVE_FIGSIZE = (7.0, 4.2)  # inches: the single-panel step curve (Fig. 8)
@@ -55,13 +54,7 @@ def read_metrics(path: Path | None) -> pd.DataFrame:
     last record; a torn last line (crash mid-write) is skipped."""
     if path is None or not path.exists():
         return pd.DataFrame()
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    df = pd.DataFrame.from_records(recs)
+    df = pd.DataFrame.from_records(read_jsonl(path))
     if df.empty or "step" not in df:
         return pd.DataFrame()
     return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
