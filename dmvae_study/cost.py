@@ -57,6 +57,8 @@ def _net_flops(cfg_json: str) -> dict[str, float]:
             disc = NLayerDiscriminator(3, max(16, cfg.tokenizer.decoder_ch // 2), cfg.tokenizer.disc_layers)
             img, z = torch.zeros(1, 3, r, r), torch.zeros(1, c, h, w)
             out = {"enc": _count(tok.encoder, img), "dec": _count(tok.decoder, z), "disc": _count(disc, img)}
+            # a frozen backbone's features come from the feature cache in the tokenizer stage (trainers/frozen.py)
+            out["proj"] = out["enc"] - _count(tok.encoder.backbone, img) if tok.encoder.backbone_frozen else out["enc"]
             t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
             for name, sec in (("teacher", cfg.teacher), ("generator", cfg.generator)):
                 out[name] = _count(build_dit(sec, (cfg.prior.reduced_dim if name == "teacher" else c, h, w),
@@ -73,7 +75,13 @@ def stage_cost(cfg: ExperimentConfig, stage: str) -> dict[str, float]:
     f = _net_flops(json.dumps(cfg.to_dict(), sort_keys=True))
     enc_train = 1.0 if cfg.tokenizer.freeze_backbone and cfg.tokenizer.backbone not in ("small_conv", "ldm_conv") else 3.0
     recon = f["enc"] * enc_train + 3 * f["dec"] + 3 * f["lpips"] + 3 * 3 * f["disc"]  # G, D (real + fake), bCR
-    if stage == "tokenizer":
+    if stage == "tokenizer":  # a frozen backbone: once per image and flip (the feature cache every seed shares,
+        # counted here with each tokenizer that reads it), then the projector, decoder and discriminator per step
+        if f["proj"] != f["enc"]:
+            n = cfg.tokenizer.total_steps * cfg.tokenizer.batch_size
+            cache = 2 * train_images(cfg) * (f["enc"] - f["proj"])
+            return {"steps": cfg.tokenizer.total_steps, "images": n,
+                    "flops": cache + n * (f["proj"] * 3 + 3 * f["dec"] + 3 * f["lpips"] + 9 * f["disc"])}
         n = cfg.tokenizer.total_steps * cfg.tokenizer.batch_size
         return {"steps": cfg.tokenizer.total_steps, "images": n, "flops": n * recon}
     if stage == "reference":
@@ -83,7 +91,13 @@ def stage_cost(cfg: ExperimentConfig, stage: str) -> dict[str, float]:
     if stage in ("teacher", "generator"):
         sec = getattr(cfg, stage)
         n = sec.total_steps * sec.batch_size
-        return {"steps": sec.total_steps, "images": n, "flops": 3 * n * f[stage]}
+        flops = 3 * n * f[stage]
+        if stage == "generator" and sec.eval_every and sec.curve_samples:  # the gFID-vs-step curve (Fig. 8)
+            ev = cfg.eval
+            points = sec.total_steps // sec.eval_every
+            flops += points * sec.curve_samples * (ev.sampler_steps * (2 if ev.cfg_scale > 1 else 1) * f["generator"]
+                                                   + f["dec"] + EXTRACTOR_FLOPS[ev.extractor])
+        return {"steps": sec.total_steps, "images": n, "flops": flops}
     if stage == "dmd":
         d = cfg.dmd
         n = d.total_steps * d.batch_size
@@ -112,8 +126,10 @@ def gpu_hours(flops: float) -> float:
     return flops / (H100_BF16_FLOPS * MFU) / 3600.0
 
 
-# One CPU core: the 1-thread fp32 matmul probe read 0.12-0.16 TFLOP/s here and the stages' steps reached
-# 8-47% of it (BENCHMARKS.md "This machine"); 0.14 TFLOP/s at an assumed 25%.
+# One CPU core: the 1-thread fp32 matmul probe read 0.12-0.16 TFLOP/s on an earlier development machine and the
+# stages' steps reached 8-47% of it (BENCHMARKS.md "This machine"); 0.14 TFLOP/s at an assumed 25%. On the AMD
+# EPYC of stop 43 the probe reads 0.09-0.10 and the mini study's stages ran at 21-64 GFLOP/s per core
+# (`benchmarks/study_budget.py`), so 35 GFLOP/s stays a fair guess.
 CPU_CORE_FLOPS = 0.14e12 * 0.25
 
 

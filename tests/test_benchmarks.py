@@ -178,3 +178,128 @@ def test_bench_malloc_runs_both_allocators(capsys):
                        "--variants", "glibc,kept,kept-padcopy"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "infer" in r]
     assert [r.split("|")[1].strip() for r in rows] == ["glibc", "kept", "kept-padcopy"]
+
+
+def _budget_study(tmp_path, walls: dict[str, dict[str, float]], hosts: dict[str, str] | None = None):
+    """A study folder of two real `mini` manifests (seed 0's semantic and Gaussian rows: one shared
+    tokenizer) with the stage times set to `walls[row][stage]` and the recorded host lines to `hosts[row]`."""
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / "docs" / "mini-stop40" / "rows"
+    rows = tmp_path / "study" / "rows"
+    rows.mkdir(parents=True)
+    for row, stages in walls.items():
+        man = json.loads((src / f"{row}.json").read_text())
+        for stage, summary in man["summaries"].items():
+            summary["wall_s"] = stages.get(stage, 0.0)
+            summary.pop("build_s", None)
+            if (hosts or {}).get(row):
+                summary["host"] = hosts[row]
+            else:
+                summary.pop("host", None)
+        (rows / f"{row}.json").write_text(json.dumps(man))
+    return tmp_path / "study"
+
+
+def test_study_budget_counts_each_artifact_once_and_prices_the_rest(tmp_path):
+    from benchmarks import study_budget
+    walls = {"gaussian-s0": {"teacher": 240.0, "dmd": 420.0, "refine": 120.0, "latents": 150.0,
+                             "generator": 540.0, "eval": 90.0},
+             "dinov2-s0": {"reference": 80.0, "teacher": 0.5, "dmd": 480.0, "refine": 0.0, "latents": 150.0,
+                           "generator": 600.0, "eval": 90.0}}
+    study = _budget_study(tmp_path, walls)
+    store = tmp_path / "store"
+    arts = study_budget.collect(study)
+    by_stage = {}
+    for a in arts:
+        by_stage.setdefault(a.stage, []).append(a)
+    tok, = by_stage["tokenizer"]  # seed 0's shared tokenizer: one artifact, both rows
+    assert sorted(tok.rows) == ["dinov2-s0", "gaussian-s0"] and tok.measured_s is None
+    # no tokenizer of its kind was timed: the --dry-run model's assumed CPU rate prices it
+    from dmvae_study.cost import CPU_CORE_FLOPS
+    assert tok.cost_s == pytest.approx(tok.flops / CPU_CORE_FLOPS)
+    # the semantic teacher's 0.5 s is a read, not a training: priced at the Gaussian teacher's FLOP rate
+    t = {a.rows[0]: a for a in by_stage["teacher"]}
+    assert t["gaussian-s0"].measured_s == 240.0 and t["dinov2-s0"].measured_s is None
+    rate = t["gaussian-s0"].flops / 240.0
+    assert t["dinov2-s0"].cost_s == pytest.approx(t["dinov2-s0"].flops / rate)
+    # a store log times what no manifest did
+    (store / "tokenizer" / tok.name).mkdir(parents=True)
+    (store / "tokenizer" / tok.name / "metrics.jsonl").write_text(
+        '{"step": 100, "time/wall_s": 50.0}\n{"step": 1200, "time/wall_s": 570.0}\n{"torn')
+    arts = study_budget.collect(study, store)
+    table, totals = study_budget.budget(arts, cores=2, peak_gflops=100.0)
+    assert sum(a.cost_s for a in arts) / 60 == pytest.approx(totals["core_min"])
+    assert totals["wall_h"] == pytest.approx(totals["core_min"] / 2 / 60)
+    gen = next(r for r in table if r["group"] == "generator")
+    assert gen["artifacts"] == 2 and gen["core_min"] == pytest.approx((540 + 600) / 60)
+    assert gen["median_min"] == pytest.approx(570 / 60)
+    assert gen["gflops"] == pytest.approx(gen["gflop"] / (gen["core_min"] * 60))
+    assert gen["floor_min"] == pytest.approx(gen["gflop"] / 100.0 / 60)
+    tok_row = next(r for r in table if r["group"].startswith("tokenizer"))
+    assert tok_row["core_min"] == pytest.approx(570 / 60) and tok_row["timed"] == 1
+    # a what-if on steps scales a stage's time and FLOPs
+    half, htot = study_budget.budget(arts, cores=2, peak_gflops=100.0, scale=study_budget.parse_scale("generator=0.5"))
+    hgen = next(r for r in half if r["group"] == "generator")
+    assert hgen["core_min"] == pytest.approx(gen["core_min"] / 2)
+    assert htot["core_min"] == pytest.approx(totals["core_min"] - gen["core_min"] / 2)
+    # median pricing: each artifact at its stage's median rate (two DMD artifacts: the median of two rates)
+    med = study_budget.collect(study, store, price="median")
+    d = [a for a in med if a.stage == "dmd"]
+    r1, r2 = (a.flops / a.measured_s for a in d)
+    assert all(a.cost_s == pytest.approx(a.flops / ((r1 + r2) / 2)) for a in d)
+    # row filter, and the command line
+    only = study_budget.collect(study, rows=["gaussian-*"])
+    assert {r for a in only for r in a.rows} == {"gaussian-s0"}
+    out = study_budget.main([str(study), "--store", str(store), "--peak", "100", "--cores", "2"])
+    assert out["totals"]["core_min"] == pytest.approx(totals["core_min"])
+    with pytest.raises(SystemExit, match="no row manifests"):
+        study_budget.collect(study, rows=["nothing-*"])
+    # core time = wall time x the threads the stage recorded; unrecorded ones count --assume-threads
+    two = _budget_study(tmp_path / "two", walls, hosts={"gaussian-s0": "AMD EPYC · torch 2.14.1 · 2 thread(s)"})
+    g2 = {a.name: a for a in study_budget.collect(two)}
+    g1 = {a.name: a for a in study_budget.collect(study)}
+    gen = [n for n, a in g1.items() if a.stage == "generator" and a.rows == ["gaussian-s0"]][0]
+    assert g2[gen].threads == 2 and g2[gen].measured_s == pytest.approx(2 * g1[gen].measured_s)
+    other = [n for n, a in g1.items() if a.stage == "generator" and a.rows == ["dinov2-s0"]][0]
+    assert g2[other].threads is None and g2[other].measured_s == g1[other].measured_s
+    g3 = {a.name: a for a in study_budget.collect(study, assume_threads=3)}
+    assert g3[other].measured_s == pytest.approx(3 * g1[other].measured_s)
+    assert study_budget.host_threads("x · torch 2.14 · 16 thread(s) · 4 workers") == 16
+    assert study_budget.host_threads(None) is None
+    with pytest.raises(SystemExit, match="STAGE=FACTOR"):
+        study_budget.parse_scale("generator")
+
+
+def test_cost_model_matches_the_counted_stage_steps():
+    """`dmvae_study.cost` (the `--dry-run` and `study_budget` FLOP model) against the FLOP counter on the stages'
+    own steps, `mini` preset: the conv tokenizer's step (GAN off for the first `disc_start` steps, on after), the
+    Lite0 tokenizer reading the feature cache (the backbone once per image and flip, not per step), and stage 2
+    with its gFID curve (Fig. 8) on top of the training steps."""
+    from dmvae_study.cost import EXTRACTOR_FLOPS, _net_flops, stage_cost, train_images
+    from dmvae_study.pipeline import resolve
+    from dmvae_study.presets import preset
+    from trainers.common import StageContext
+    from trainers.tokenizer import setup, step
+    torch.manual_seed(0)
+    img = torch.rand(4, 3, 32, 32) * 2 - 1
+    for prior in ("vae", "dinov2"):
+        cfg = resolve(preset("mini", {"run.allow_random_weights": True}), prior)
+        s, _ = setup(StageContext(cfg=cfg, stage="tokenizer"))
+        feats = s.frozen[1](img) if prior == "dinov2" else None
+        t = cfg.tokenizer
+        before, after = (count_flops(lambda i=i: step(s, i, img, feats) if feats is not None else step(s, i, img)) / 4
+                         for i in (0, t.disc_start))
+        per_step = (before * t.disc_start + after * (t.total_steps - t.disc_start)) / t.total_steps
+        counted = per_step * t.total_steps * t.batch_size
+        if prior == "dinov2":  # the feature cache: the frozen backbone once per training image and its flip
+            counted += 2 * train_images(cfg) * count_flops(lambda: s.frozen[1](img[:1]))
+        assert stage_cost(cfg, "tokenizer")["flops"] == pytest.approx(counted, rel=0.05), prior
+    cfg = resolve(preset("mini", {"run.allow_random_weights": True}), "dinov2")
+    g, ev = cfg.generator, cfg.eval
+    f = _net_flops(json.dumps(cfg.to_dict(), sort_keys=True))
+    train = 3 * g.total_steps * g.batch_size * f["generator"]
+    curve = g.total_steps // g.eval_every * g.curve_samples * (ev.sampler_steps * f["generator"] + f["dec"]
+                                                               + EXTRACTOR_FLOPS[ev.extractor])
+    assert g.eval_every and ev.cfg_scale <= 1
+    assert stage_cost(cfg, "generator")["flops"] == pytest.approx(train + curve)
+    assert f["generator"] * 3 == pytest.approx(bench_dit.dit_flops("tiny", 1, (8, 8, 8), 10, train=True), rel=0.02)
