@@ -303,3 +303,21 @@ def test_cost_model_matches_the_counted_stage_steps():
     assert g.eval_every and ev.cfg_scale <= 1
     assert stage_cost(cfg, "generator")["flops"] == pytest.approx(train + curve)
     assert f["generator"] * 3 == pytest.approx(bench_dit.dit_flops("tiny", 1, (8, 8, 8), 10, train=True), rel=0.02)
+
+
+@pytest.mark.parametrize("groups,transposed", [(1, False), (8, False), (64, False), (1, True)])
+def test_count_flops_conv_backward_is_twice_the_forward(groups, transposed):
+    """A convolution's backward is two convolutions of the forward's size (input and weight gradient), grouped
+    or not; PyTorch's own formula ignores `groups` (65x for a 64-channel depthwise conv). Checked against the
+    closed form 2 * B * H_out * W_out * C_out * (C_in / groups) * k * k."""
+    torch.manual_seed(0)
+    conv = (torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d)(64, 64, 3, padding=1, groups=groups)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    fwd = count_flops(lambda: conv(x))
+    assert fwd == 2 * 2 * 16 * 16 * 64 * (64 // groups) * 9
+    y = conv(x)
+    assert count_flops(lambda: y.sum().backward()) == 2 * fwd
+    with torch.no_grad():
+        x2 = x.detach()  # weight gradient only: the input needs none
+    y2 = conv(x2)
+    assert count_flops(lambda: y2.sum().backward()) == fwd
