@@ -5,13 +5,15 @@ loss curve and the final weights of a few seeded training steps.
 Exact-math options (activation checkpointing, AdamW implementations, attention backends, memory
 format, graph capture, foreach EMA) must agree to float32 round-off; bf16 autocast is a precision
 change and must only track the float32 curve closely. Inductor (`torch.compile` default backend)
-needs ~40 s of C++ compilation on 2 cores: set DMVAE_TEST_INDUCTOR=1 to include it.
+needs ~40 s of C++ compilation on 2 cores: it runs wherever a C++ compiler is found (CI's machine has g++),
+`DMVAE_TEST_INDUCTOR=0` skips it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -110,7 +112,17 @@ def test_compile_graph_capture_same_curve(reference):
     _same(train_dit(net, fwd=torch.compile(net, backend="aot_eager")), reference)
 
 
-@pytest.mark.skipif(os.environ.get("DMVAE_TEST_INDUCTOR") != "1", reason="inductor C++ build: ~40 s on 2 cores")
+def _inductor_off() -> str | None:
+    """Why the inductor test cannot run here: it needs a C++ compiler for inductor's CPU kernels (~40 s of build
+    on 2 cores); `DMVAE_TEST_INDUCTOR=0` turns it off."""
+    if os.environ.get("DMVAE_TEST_INDUCTOR") == "0":
+        return "DMVAE_TEST_INDUCTOR=0"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        return "no C++ compiler for inductor's CPU kernels (install g++, or set CXX)"
+    return None
+
+
+@pytest.mark.skipif(_inductor_off() is not None, reason=str(_inductor_off()))
 def test_compile_inductor_same_curve(reference):
     torch._dynamo.reset()
     net = _dit()
