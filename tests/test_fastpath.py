@@ -5,7 +5,7 @@ loss curve and the final weights of a few seeded training steps.
 Exact-math options (activation checkpointing, AdamW implementations, attention backends, memory
 format, graph capture, foreach EMA) must agree to float32 round-off; bf16 autocast is a precision
 change and must only track the float32 curve closely. Inductor (`torch.compile` default backend)
-needs ~40 s of C++ compilation on 2 cores: it runs wherever a C++ compiler is found (CI's machine has g++),
+needs ~40 s of C++ compilation on 2 cores: it runs wherever a C++ compiler is found (it skips, saying so, where none is),
 `DMVAE_TEST_INDUCTOR=0` skips it.
 """
 
