@@ -242,9 +242,9 @@ def done_text(planned: dict[str, Any], costs: Costs, done: dict[str, str]) -> st
 
 
 def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | None,
-              seed_reps: list[dict[str, Any]], window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
-    """`--dry-run`: the trials, the ASHA settings, the estimated cost and one trial's stage plan per row and
-    planned seed (`seed_reps`: per seed, row -> config; shared work is per seed)."""
+              window: int = SIGNAL_WINDOW, measured: str | None = None) -> str:
+    """`--dry-run`: the trials, the ASHA settings, the estimated cost and the stage plan of one planned trial per
+    row and seed (its first knob value: what is reused and what it trains are that trial's own)."""
     from dmvae_study.cost import dry_run_report
     first = next(iter(rows.values()))
     t = first.dmd.total_steps
@@ -267,9 +267,12 @@ def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | No
                  + (f"; budget {budget:g}" if budget is not None else ""))
     if measured:
         lines.append(measured)
-    lines.append("stage plan of one trial per row and seed (dmvae_study.cost; the knob value changes no cost; "
-                 "artifact names after the teacher differ per value):")
-    lines.append(dry_run_report({f"{r}-s{c.run.seed}": c for reps in seed_reps for r, c in reps.items()}))
+    first: dict[tuple[str, int], tuple[str, Any]] = {}
+    for label, cfg in rows.items():
+        first.setdefault((cfg.prior.name, cfg.run.seed), (label, cfg))
+    lines.append("stage plan of one planned trial per row and seed (dmvae_study.cost; the knob value changes no "
+                 "cost; artifact names after the teacher differ per value):")
+    lines.append(dry_run_report(dict(first.values())))
     return "\n".join(lines)
 
 
@@ -337,7 +340,7 @@ def frontier(argv: list[str] | None = None, trainable: Callable[[dict[str, Any]]
         model_note = (f"the FLOP model alone (dmvae_study.cost) says: every trial in full "
                       f"{expected_hours(model, len(grid.weights), None, n_seeds):.3g}, with ASHA "
                       f"{expected_hours(model, len(grid.weights), grid.eta, n_seeds):.3g}") if used else None
-        print(plan_text(planned, grid, costs, args.budget, seed_reps, args.signal_window,
+        print(plan_text(planned, grid, costs, args.budget, args.signal_window,
                         measured_text(used, model_note)))
         print(done_text(planned, costs, finished_already(planned, Path(base.run.out_dir) / name, args)))
         return None

@@ -424,8 +424,9 @@ def test_dry_run_counts_every_planned_seeds_shared_work(tmp_path, capsys):
     one, out1 = shared("1")
     two, out2 = shared("1,2")
     assert one > 0 and two == pytest.approx(2 * one, rel=1e-3)
-    assert "row dinov2-s1 (prior dinov2, seed 1)" in out1 and "seed 0" not in out1.split("stage plan")[1]
-    assert "row gaussian-s2 (prior gaussian, seed 2)" in out2
+    # the stage plan is of one planned trial per row and seed (its first weight): that trial's own artifacts
+    assert "row dinov2@dm=1-s1 (prior dinov2, seed 1)" in out1 and "seed 0" not in out1.split("stage plan")[1]
+    assert "row gaussian@dm=1-s2 (prior gaussian, seed 2)" in out2 and "@dm=10" not in out2.split("stage plan")[1]
     # the tokenizer is shared by the rows of one seed, not across seeds
     plan2 = out2.split("stage plan")[1]
     assert plan2.count("tokenizer  to train") == 2 and plan2.count("tokenizer  shared with a row above") == 2
