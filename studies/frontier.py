@@ -267,12 +267,12 @@ def plan_text(rows: dict[str, Any], grid: Grid, costs: Costs, budget: float | No
                  + (f"; budget {budget:g}" if budget is not None else ""))
     if measured:
         lines.append(measured)
-    first: dict[tuple[str, int], tuple[str, Any]] = {}
+    one_trial: dict[tuple[str, int], tuple[str, Any]] = {}  # (prior, seed) -> its first planned trial
     for label, cfg in rows.items():
-        first.setdefault((cfg.prior.name, cfg.run.seed), (label, cfg))
+        one_trial.setdefault((cfg.prior.name, cfg.run.seed), (label, cfg))
     lines.append("stage plan of one planned trial per row and seed (dmvae_study.cost; the knob value changes no "
                  "cost; artifact names after the teacher differ per value):")
-    lines.append(dry_run_report(dict(first.values())))
+    lines.append(dry_run_report(dict(one_trial.values())))
     return "\n".join(lines)
 
 
