@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dmvae_study.cost import CPU_CORE_FLOPS
-from dmvae_study.store import read_jsonl
+from dmvae_study.store import ArtifactDir, read_jsonl
 
 
 # A reference set's work depends on its prior (sampling a Gaussian, a text encoder, encoding images) more than
@@ -107,21 +107,18 @@ def collect(folder: Path, store: Path | None = None, price: str = "own",
             summary = man.get("summaries", {}).get(stage) or {}
             wall = summary.get("wall_s") or 0.0
             threads = host_threads(summary.get("host"))
-            if wall >= MIN_TRAINED_S and (a.measured_s is None or wall * (threads or assume_threads) > a.measured_s):
-                a.measured_s, a.source, a.threads = float(wall) * (threads or assume_threads), "manifest", threads
+            cores = threads or assume_threads
+            if wall >= MIN_TRAINED_S and (a.measured_s is None or wall * cores > a.measured_s):
+                a.measured_s, a.source, a.threads = float(wall) * cores, "manifest", threads
             elif a.measured_s is None and summary.get("build_s") is not None:  # a reference set keeps its build time
-                a.measured_s, a.source = float(summary["build_s"]) * (threads or assume_threads), "manifest"
-                a.threads = threads
+                a.measured_s, a.source, a.threads = float(summary["build_s"]) * cores, "manifest", threads
     for a in arts.values():
         if a.measured_s is None and store is not None:
-            metrics = store / a.stage / a.name / "metrics.jsonl"
+            art = ArtifactDir(store / a.stage / a.name)
+            metrics = art.path / "metrics.jsonl"
             timed = [r["time/wall_s"] for r in read_jsonl(metrics) if "time/wall_s" in r] if metrics.exists() else []
             if timed:
-                done = store / a.stage / a.name / "DONE"
-                try:
-                    a.threads = host_threads(json.loads(done.read_text()).get("host")) if done.exists() else None
-                except (ValueError, AttributeError):
-                    a.threads = None
+                a.threads = host_threads(art.summary().get("host"))
                 a.measured_s, a.source = float(timed[-1]) * (a.threads or assume_threads), "store"
     by_group: dict[str, list[Artifact]] = {}
     for a in arts.values():
