@@ -248,7 +248,9 @@ class RunConfig(Section):
     max_concurrent_trials: int = field(0, doc="Tune concurrency (0: every row at once, the cluster queues)",
                                        rule=NONNEG)
     max_failures: int = field(2, doc="restarts of a stage after a worker loss (Ray FailureConfig)", rule=NONNEG)
-    precision: Literal["auto", "fp32", "bf16"] = field("auto", doc="bf16 autocast on GPU under auto")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", doc="bf16 autocast (on any device) or fp32; auto: "
+                                                       "bf16 with run.use_gpu, else fp32. Changes results: part of "
+                                                       "the artifact key")
     compile: bool = field(False, doc="torch.compile the DiT")
     checkpoint_every: int = field(1000, doc="checkpoint every N steps of a stage", rule=POSITIVE)
     log_every: int = field(50, doc="reduce and report metrics every N steps", rule=POSITIVE)

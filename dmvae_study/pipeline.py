@@ -25,6 +25,7 @@ from dmvae_study.store import ArtifactDir, ArtifactStore
 
 BASELINE_ROWS: dict[str, str] = {"vae": "beta_vae", "vavae": "vavae"}  # row -> the tokenizer kind it pretrains
 RUN_KEYS = ("seed", "allow_random_weights", "ema_warmup")  # run fields that change results (not workers, paths)
+# and `run.precision`, keyed through `amp_precision` (below): only bf16 adds to a key, so fp32 keys are unchanged
 
 Inputs = dict[str, tuple[str, ExperimentConfig]]  # label -> (stage, config of the row it belongs to)
 
@@ -138,12 +139,14 @@ def derived(cfg: ExperimentConfig) -> dict[str, Any]:
         stand_in = (f"aligned to {t.vavae_backbone} in DINOv2's place" if tokenizer_kind(cfg) == "vavae"
                     and not t.vavae_backbone.startswith("dinov2") else None)
         return {"kind": "baseline", "tokenizer": tokenizer_kind(cfg), "dm_weight": None, "cfg_scale": None,
-                "timestep_schedule": None, "score_net_size": None, "reduction": None, "stand_in": stand_in}
+                "timestep_schedule": None, "score_net_size": None, "reduction": None, "stand_in": stand_in,
+                "precision": amp_precision(cfg)}
     from priors import get
     spec = get(cfg.prior.name)
     out = {"kind": spec.kind, "tokenizer": "ae", "dm_weight": cfg.dmd.dm_weight, "cfg_scale": cfg.dmd.cfg_scale,
            "timestep_schedule": cfg.dmd.timestep_schedule, "score_net_size": cfg.teacher.size,
-           "reduction": cfg.prior.reduction, "stand_in": spec.stand_in(cfg) if spec.stand_in else None}
+           "reduction": cfg.prior.reduction, "stand_in": spec.stand_in(cfg) if spec.stand_in else None,
+           "precision": amp_precision(cfg)}
     if cfg.prior.name == "ldm_noise":
         out["ldm_source"] = cfg.prior.ldm_source
     return out
@@ -198,6 +201,15 @@ def _value(cfg: ExperimentConfig, dotted: str) -> Any:
     return node.to_dict() if hasattr(node, "to_dict") else node
 
 
+def amp_precision(cfg: ExperimentConfig) -> str:
+    """The precision a stage of this config computes in, from the config alone: `run.precision`, where
+    `auto` is bf16 autocast for GPU workers (`run.use_gpu`) and fp32 otherwise. `StageContext.autocast`
+    follows it, and a bf16 stage's artifact key carries it, so a store never hands a bf16 artifact to an
+    fp32 run or the other way round."""
+    p = cfg.run.precision
+    return "bf16" if p == "bf16" or (p == "auto" and cfg.run.use_gpu) else "fp32"
+
+
 def artifact_key(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     """What determines a stage's artifact: its config keys, the result-changing run fields, and the keys
     of every input artifact (recursively)."""
@@ -206,6 +218,8 @@ def artifact_key(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     if s.extra_key is not None:
         key.update(s.extra_key(cfg))
     key["run"] = {k: getattr(cfg.run, k) for k in RUN_KEYS}
+    if amp_precision(cfg) == "bf16":  # fp32 adds nothing: the keys (and stores, manifests) of before stay valid
+        key["run"]["precision"] = "bf16"
     key["inputs"] = {label: artifact_key(c, st) for label, (st, c) in s.inputs(cfg).items()}
     return key
 
@@ -251,7 +265,8 @@ def shared_work(cfgs: list[ExperimentConfig]) -> list[tuple[str, ExperimentConfi
     return [(seen[d][0], seen[d][1]) for d in order if seen[d][2] >= 2]
 
 
-__all__ = ["BASELINE_ROWS", "LaunchOptions", "RUN_KEYS", "STAGES", "Stage", "artifact", "artifact_key", "derived",
+__all__ = ["BASELINE_ROWS", "LaunchOptions", "RUN_KEYS", "STAGES", "Stage", "amp_precision", "artifact", "artifact_key",
+           "derived",
            "final_tokenizer", "input_artifact", "is_baseline", "is_prior", "plan", "required_weights", "resolve",
            "shared_work",
            "store_of", "tokenizer_kind"]

@@ -73,6 +73,44 @@ def test_stage_table_plans_keys_and_shared_work(tmp_path):
     assert ("tokenizer", artifact(vae, "tokenizer").path) in shared
 
 
+def test_precision_is_part_of_every_artifact_key_and_the_stage_computes_in_it(tmp_path):
+    """`run.precision` changes results: a bf16 run never reuses an fp32 artifact (or the reverse), and the
+    stage autocasts exactly when its key says bf16. `auto` is bf16 for GPU workers, fp32 otherwise."""
+    import torch
+
+    from dmvae_study.pipeline import amp_precision
+    from trainers.common import StageContext
+
+    def row(*over):
+        return resolve(preset("smoke", [f"run.out_dir={tmp_path}", *over]), "dinov2")
+    auto, fp32, bf16 = row(), row("run.precision=fp32"), row("run.precision=bf16")
+    gpu_auto, gpu_fp32 = row("run.use_gpu=true"), row("run.use_gpu=true", "run.precision=fp32")
+    assert [amp_precision(c) for c in (auto, fp32, bf16, gpu_auto, gpu_fp32)] == ["fp32", "fp32", "bf16", "bf16", "fp32"]
+    assert [derived(c)["precision"] for c in (auto, gpu_auto, resolve(bf16, "vae"))] == ["fp32", "bf16", "bf16"]
+    for s in STAGES:
+        assert artifact(auto, s).path == artifact(fp32, s).path == artifact(gpu_fp32, s).path, s
+        assert artifact(bf16, s).path == artifact(gpu_auto, s).path != artifact(fp32, s).path, s
+    for cfg, on in ((auto, False), (bf16, True), (gpu_auto, True)):
+        with StageContext(cfg=cfg, stage="teacher").autocast():  # a CPU context: the key decides, not the device
+            assert torch.is_autocast_enabled("cpu") is on
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if on else torch.float32)
+
+
+def test_committed_study_manifests_keep_their_keys():
+    """A committed row is "done" while its manifest's evaluation artifact is the one the current code keys from
+    the manifest's own config (`studies.common.done_in`): a change to the keying that moved an fp32 key would
+    make every part rerun the committed study."""
+    from pathlib import Path
+
+    from dmvae_study.config import ExperimentConfig
+    manifests = sorted((Path(__file__).resolve().parents[1] / "docs" / "mini-stop40" / "rows").glob("*.json"))
+    assert len(manifests) >= 24
+    for m in manifests:
+        blob = json.loads(m.read_text())
+        cfg = ExperimentConfig.from_dict(blob["config"])
+        assert artifact(cfg, "eval").path.name == Path(blob["artifacts"]["eval"]).name, m.name
+
+
 def test_benchmarks_time_the_stages_own_step_functions():
     from benchmarks import bench_dit, bench_dmd, bench_tokenizer
     from trainers import dmd, flowfit, tokenizer

@@ -29,7 +29,7 @@ from torch import nn
 
 from dmvae_study.config import ExperimentConfig
 from dmvae_study.loaders import GlobalBatches, hash_seed, step_loader
-from dmvae_study.pipeline import STAGES, LaunchOptions, artifact, artifact_key, resolve
+from dmvae_study.pipeline import STAGES, LaunchOptions, amp_precision, artifact, artifact_key, resolve
 from dmvae_study.store import ArtifactDir, atomic_write_text
 from trainers.checkpoint import checkpoint_state, last_flushed, restore_state, resume, save  # noqa: F401 (the stages' API)
 from trainers.ema import EMA, unwrap  # noqa: F401 (the stages' API)
@@ -124,8 +124,8 @@ class StageContext:
         return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        p = self.cfg.run.precision
-        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+        """bf16 autocast where the artifact key says bf16 (`pipeline.amp_precision`), on whatever device."""
+        if amp_precision(self.cfg) == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

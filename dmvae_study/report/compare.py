@@ -30,10 +30,10 @@ ABSENT = "(not recorded)"
 def changed_settings(before: StudyRow, after: StudyRow) -> dict[str, tuple[Any, Any]]:
     """Dotted config keys whose value differs between two manifests of one row, `{key: (before, after)}`
     (ABSENT where a manifest lacks the key: written before the setting existed). Run fields that do not
-    change results (paths, workers, allocator) are left out: only `pipeline.RUN_KEYS` count."""
+    change results (paths, workers, allocator) are left out: only `pipeline.RUN_KEYS` and `run.precision` count."""
     from dmvae_study.pipeline import RUN_KEYS
     a, b = flatten(before.config), flatten(after.config)
-    keep = {f"run.{k}" for k in RUN_KEYS}
+    keep = {f"run.{k}" for k in RUN_KEYS} | {"run.precision"}
     return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
             if a.get(k, ABSENT) != b.get(k, ABSENT) and (not k.startswith("run.") or k in keep)}
 
