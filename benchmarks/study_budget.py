@@ -21,7 +21,12 @@ Times are core time: a stage's wall time x its threads, read from the host line 
 study's trials ran two at a time, one core each; the driver's shared work before them may have used two).
 
     python -m benchmarks.study_budget docs/mini-stop40 --store /work/store --cores 2
-    python -m benchmarks.study_budget docs/mini-stop40 --scale generator=0.4,teacher=0.5   # what-if
+    python -m benchmarks.study_budget docs/mini-stop40 --scale generator=0.4,teacher=0.5   # what-if on steps
+    python -m benchmarks.study_budget docs/mini-stop40 --speedup 'dmd=1.3,tokenizer (conv encoder)=1.7'  # on rates
+
+`--scale` changes the work (a stage's time and FLOPs scale with its steps); `--speedup` changes the rate (time
+divided, FLOPs kept), e.g. the per-stage factors `benchmarks.bench_bf16_cpu` measures. Keys are a stage
+(`tokenizer`) or a group as the table prints it (`tokenizer (conv encoder)`); a group's own key wins.
 """
 
 from __future__ import annotations
@@ -133,29 +138,44 @@ def collect(folder: Path, store: Path | None = None, price: str = "own",
     return sorted(arts.values(), key=lambda a: (a.group, a.name))
 
 
-def parse_scale(s: str | None) -> dict[str, float]:
-    """`generator=0.4,teacher=0.5` -> {stage or group: factor} (a what-if on steps: time scales with them)."""
+def parse_scale(s: str | None, flag: str = "--scale") -> dict[str, float]:
+    """`generator=0.4,teacher=0.5` -> {stage or group: factor} (`--scale`: a what-if on steps, time and FLOPs
+    scale with them; `--speedup`: on rates, time divided by the factor)."""
     out: dict[str, float] = {}
     for part in filter(None, (s or "").split(",")):
         key, _, val = part.partition("=")
         try:
-            out[key.strip()] = float(val)
+            f = float(val)
         except ValueError:
-            raise SystemExit(f"--scale wants STAGE=FACTOR[,...], e.g. generator=0.5; got {part!r}") from None
+            raise SystemExit(f"{flag} wants STAGE=FACTOR[,...], e.g. generator=0.5; got {part!r}") from None
+        if not f > 0:
+            raise SystemExit(f"{flag} {part!r}: the factor must be > 0")
+        out[key.strip()] = f
     return out
 
 
-def budget(arts: Sequence[Artifact], *, cores: int, peak_gflops: float,
-           scale: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _check_keys(keys: dict[str, float], arts: Sequence[Artifact], flag: str) -> None:
+    known = {a.group for a in arts} | {a.stage for a in arts}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise SystemExit(f"{flag}: no stage or group {', '.join(map(repr, unknown))} in this study; "
+                         f"choose from {', '.join(sorted(known))}")
+
+
+def budget(arts: Sequence[Artifact], *, cores: int, peak_gflops: float, scale: dict[str, float] | None = None,
+           speedup: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-group table rows and the study totals (core-minutes, wall on `cores` if perfectly packed)."""
-    scale = scale or {}
+    scale, speedup = scale or {}, speedup or {}
+    _check_keys(scale, arts, "--scale")
+    _check_keys(speedup, arts, "--speedup")
     groups: dict[str, list[Artifact]] = {}
     for a in arts:
         groups.setdefault(a.group, []).append(a)
     table = []
     for g, items in sorted(groups.items(), key=lambda kv: -sum(a.cost_s for a in kv[1])):
         f = scale.get(g, scale.get(items[0].stage, 1.0))
-        core_min = sum(a.cost_s for a in items) / 60 * f
+        sp = speedup.get(g, speedup.get(items[0].stage, 1.0))
+        core_min = sum(a.cost_s for a in items) / 60 * f / sp
         flops = sum(a.flops for a in items) * f
         timed = [a.measured_s / 60 for a in items if a.measured_s is not None]
         table.append({"group": g, "artifacts": len(items), "timed": len(timed),
@@ -163,7 +183,7 @@ def budget(arts: Sequence[Artifact], *, cores: int, peak_gflops: float,
                       "median_min": statistics.median(timed) if timed else None, "core_min": core_min,
                       "gflop": flops / 1e9, "gflops": flops / 1e9 / (core_min * 60) if core_min else None,
                       "pct_peak": 100 * flops / 1e9 / (core_min * 60) / peak_gflops if core_min else None,
-                      "floor_min": flops / 1e9 / peak_gflops / 60, "scale": f})
+                      "floor_min": flops / 1e9 / peak_gflops / 60, "scale": f, "speedup": sp})
     total = sum(r["core_min"] for r in table)
     floor = sum(r["floor_min"] for r in table)
     return table, {"core_min": total, "wall_h": total / cores / 60, "floor_wall_h": floor / cores / 60,
@@ -176,7 +196,8 @@ def format_report(table: list[dict[str, Any]], totals: dict[str, Any]) -> str:
     lines = ["| stage | artifacts (timed, threads recorded) | core-min each (median, timed) | core-min | model GFLOP "
              "| GFLOP/s per core | % of peak | floor core-min |", "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        name = r["group"] + (f" x{r['scale']:g}" if r["scale"] != 1 else "")
+        name = r["group"] + (f" x{r['scale']:g}" if r["scale"] != 1 else "") + \
+            (f" /{r['speedup']:g}" if r.get("speedup", 1) != 1 else "")
         lines.append(f"| {name} | {r['artifacts']} ({r['timed']}, {r['threads_known']}) | {f(r['median_min'], '.1f')} | {r['core_min']:.0f} "
                      f"| {r['gflop']:,.0f} | {f(r['gflops'], '.1f')} | {f(r['pct_peak'], '.0f')} "
                      f"| {r['floor_min']:.1f} |")
@@ -201,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak", type=float, default=None,
                     help="GFLOP/s of one core (default: measured, 1-thread fp32 2048^3 matmul)")
     ap.add_argument("--scale", default=None, help="what-if step factors, e.g. generator=0.4,teacher=0.5")
+    ap.add_argument("--speedup", default=None,
+                    help="what-if rate factors (time / factor, FLOPs kept), e.g. 'dmd=1.3,tokenizer (conv encoder)=1.7'")
     ap.add_argument("--price", choices=("own", "median"), default="own",
                     help="own: each artifact at the time it measured; median: at its stage's median FLOP rate")
     ap.add_argument("--list", action="store_true", help="also list every artifact with its time and source")
@@ -214,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
         peak = max(matmul_peak(torch.device("cpu")) for _ in range(3)) * 1e3
     arts = collect(args.study, args.store, args.price, [r for r in args.rows.split(',') if r], args.assume_threads)
-    table, totals = budget(arts, cores=args.cores, peak_gflops=peak, scale=parse_scale(args.scale))
+    table, totals = budget(arts, cores=args.cores, peak_gflops=peak, scale=parse_scale(args.scale),
+                           speedup=parse_scale(args.speedup, "--speedup"))
     if args.list:
         for a in arts:
             print(f"{a.group:28s} {a.name:28s} {a.source:8s} {a.threads or '?'} thr {a.cost_s / 60:6.1f} core-min  "

@@ -171,6 +171,28 @@ def test_bench_scaling_two_ray_workers(monkeypatch):
     assert multi["extra"]["speedup_vs_1w_1thr"] > 0
 
 
+def test_bench_bf16_cpu_rows_and_study_budget_factors(tmp_path, capsys):
+    """Each case alternates fp32 and bf16 on the stage's own step and prints its factor; the study_budget
+    group factors are summed-time ratios over the cases that price them, keyed as study_budget groups."""
+    from benchmarks import bench_bf16_cpu, study_budget
+    out = bench_bf16_cpu.main(["--rounds", "1", "--steps", "1", "--only", "refine step,Lite0 encoder",
+                               "--json", str(tmp_path / "b.json")])
+    assert [r["case"] for r in out["cases"]] == ["refine step", "Lite0 encoder, folded, 128 px"]
+    assert all(r["fp32_img_s"] > 0 and r["bf16_img_s"] > 0 and r["factor"] > 0 for r in out["cases"])
+    assert set(out["speedup"]) == {"refine", "latents (Lite0 encoder)", "reference"}
+    assert json.loads((tmp_path / "b.json").read_text())["speedup"] == pytest.approx(out["speedup"])
+    assert "--speedup 'refine=" in capsys.readouterr().out
+    med = {"tokenizer beta-VAE, GAN off": {"fp32": 3.0, "bf16": 1.0}, "tokenizer beta-VAE, GAN on": {"fp32": 1.0, "bf16": 1.0}}
+    assert bench_bf16_cpu.group_factors(med) == {"tokenizer (conv encoder)": pytest.approx(2.0)}
+    from dmvae_study.pipeline import resolve
+    from dmvae_study.presets import preset
+    vae, dino = resolve(preset("mini"), "vae"), resolve(preset("mini"), "dinov2")
+    named = {study_budget.stage_group(st, c) for st in ("tokenizer", "latents", "eval", "dmd", "refine", "teacher",
+                                                        "generator", "reference") for c in (vae, dino)}
+    assert set(bench_bf16_cpu.GROUPS) <= named  # keys study_budget --speedup accepts
+    assert all(c in {label for label, _, _ in bench_bf16_cpu.CASES} for cs in bench_bf16_cpu.GROUPS.values() for c in cs)
+
+
 def test_bench_malloc_runs_both_allocators(capsys):
     """Two batches of 2 per variant: every child process runs and prints its row, in order."""
     from benchmarks import bench_malloc
@@ -242,6 +264,20 @@ def test_study_budget_counts_each_artifact_once_and_prices_the_rest(tmp_path):
     hgen = next(r for r in half if r["group"] == "generator")
     assert hgen["core_min"] == pytest.approx(gen["core_min"] / 2)
     assert htot["core_min"] == pytest.approx(totals["core_min"] - gen["core_min"] / 2)
+    # a what-if on rates divides a stage's time and keeps its FLOPs; a group's key wins over its stage's
+    fast, ftot = study_budget.budget(arts, cores=2, peak_gflops=100.0,
+                                     speedup=study_budget.parse_scale("generator=2,tokenizer=4", "--speedup"))
+    fgen = next(r for r in fast if r["group"] == "generator")
+    assert fgen["core_min"] == pytest.approx(gen["core_min"] / 2) and fgen["gflop"] == pytest.approx(gen["gflop"])
+    assert fgen["gflops"] == pytest.approx(2 * gen["gflops"])
+    assert next(r for r in fast if r["group"] == tok_row["group"])["core_min"] == pytest.approx(tok_row["core_min"] / 4)
+    both = study_budget.parse_scale(f"tokenizer=4,{tok_row['group']}=8", "--speedup")
+    tb = study_budget.budget(arts, cores=2, peak_gflops=100.0, speedup=both)[0]
+    assert next(r for r in tb if r["group"] == tok_row["group"])["core_min"] == pytest.approx(tok_row["core_min"] / 8)
+    with pytest.raises(SystemExit, match="no stage or group 'genrator'"):
+        study_budget.budget(arts, cores=2, peak_gflops=100.0, speedup={"genrator": 2.0})
+    with pytest.raises(SystemExit, match="--speedup 'dmd=0': the factor must be > 0"):
+        study_budget.parse_scale("dmd=0", "--speedup")
     # median pricing: each artifact at its stage's median rate (two DMD artifacts: the median of two rates)
     med = study_budget.collect(study, store, price="median")
     d = [a for a in med if a.stage == "dmd"]
