@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,15 +41,9 @@ import torch
 PRECISIONS = ("fp32", "bf16")
 
 
-def _median_s(fn: Callable[[], Any], steps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_s(fn: Callable[[], Any], steps: int) -> float:
+    from benchmarks.common import time_calls
+    return statistics.median(time_calls(fn, torch.device("cpu"), warmup=1, repeats=steps))
 
 
 def _cfg(prior: str, precision: str, **over: Any):
