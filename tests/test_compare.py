@@ -119,3 +119,14 @@ def test_bad_input_is_refused_with_the_fix(studies, tmp_path: Path, capsys: pyte
     args = [a.format(b=before, a=after, t=tmp_path) for a in argv]
     assert cmp.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_changed_settings_name_the_precision_computed_not_its_spelling() -> None:
+    """`auto` on CPU workers and `fp32` are one computation; `bf16` is another (it enters the artifact key)."""
+    from types import SimpleNamespace
+
+    def row(**run):
+        return SimpleNamespace(config={"run": {"out_dir": "x", **run}, "dmd": {"dm_weight": 1.0}})
+    assert cmp.changed_settings(row(precision="auto"), row(precision="fp32", out_dir="y")) == {}
+    assert cmp.changed_settings(row(precision="auto"), row(precision="bf16")) == {"run.precision": ("fp32", "bf16")}
+    assert cmp.changed_settings(row(precision="auto", use_gpu=True), row(precision="bf16", use_gpu=True)) == {}
