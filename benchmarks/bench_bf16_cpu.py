@@ -73,24 +73,15 @@ def tokenizer_step(prior: str, precision: str, gan: bool) -> Callable[[], None]:
 
 
 def refine_step(precision: str) -> Callable[[], None]:
-    """`trainers.refine.step` on the state `trainers.refine.setup` builds, from the tokenizer stage's modules
-    (setup itself loads a finished DMD artifact)."""
-    from trainers.common import EMA, Optim, StageContext
-    from trainers.refine import RefineState, step
-    from trainers.tokenizer import build_discriminator, build_recon_loss, setup
+    """`trainers.refine.step` on `trainers.refine.state_for` over the tokenizer stage's modules (`setup` itself
+    loads a finished DMD artifact)."""
+    from trainers.common import StageContext
+    from trainers.refine import state_for, step
+    from trainers.tokenizer import build_discriminator, setup
     cfg = _cfg("dinov2", precision)
-    ctx = StageContext(cfg=cfg, stage="refine")
     s, _ = setup(StageContext(cfg=cfg, stage="tokenizer"))
-    tok = s.tok
-    tok.encoder.requires_grad_(False).eval()
-    disc = build_discriminator(cfg)
-    r = cfg.refine
-    opt_g, opt_d = Optim(tok.decoder.parameters(), r, ctx.device), Optim(disc.parameters(), r, ctx.device)
-    ctx.channels_last(tok.decoder, disc)
-    ema = EMA(tok, cfg.tokenizer.ema_decay, cfg.run.ema_warmup)
-    st = RefineState(ctx, tok, ctx.wrap(tok.decoder), disc, ctx.wrap(disc), build_recon_loss(cfg, 0, ctx.device),
-                     opt_g, opt_d, ema)
-    img = torch.rand(r.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    st = state_for(StageContext(cfg=cfg, stage="refine"), s.tok, build_discriminator(cfg))
+    img = torch.rand(cfg.refine.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     i = [0]
 
     def run() -> None:

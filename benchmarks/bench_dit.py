@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from benchmarks.common import (Result, autocast, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
-                               precision_label, report, run_precision, reset_peak_memory, setup, split_list, time_calls)
+                               precision_label, report, reset_peak_memory, setup, split_list, time_calls)
 from dmvae_study.presets import preset
 from dmvae_study.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, build_lightningdit
 from dmvae_study.objectives.flow import FlowMatchingLoss, sample_t
@@ -104,7 +104,7 @@ class _StepState:
         self.num_classes, self.dataset_size, self.step_i = num_classes, dataset_size, 0
         pool = 4 * batch
         if mode == "trainer":
-            cfg = preset("smoke", {"run.seed": seed, "run.precision": run_precision(device, precision)})
+            cfg = preset("smoke", {"run.seed": seed, "run.precision": precision_label(device, precision)})
             self.ctx = StageContext(cfg=cfg, stage="teacher", device=device)
             self.state = FlowState(self.ctx, dcfg, self.net, self.fwd, self.ema, self.opt, self.fm, tuple(latent))
             self.x_pool = torch.randn(pool, *latent)                       # CPU, as the trainer's ref.x

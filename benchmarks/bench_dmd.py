@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import bench_dit
 from benchmarks.common import (Result, base_parser, compile_forward, count_flops, matmul_peak, median, peak_memory_mib,
-                               precision_label, report, run_precision, reset_peak_memory, setup, sync, time_calls)
+                               precision_label, report, reset_peak_memory, setup, sync, time_calls)
 from dmvae_study.build import build_tokenizer
 from dmvae_study.config import latent_shape
 from dmvae_study.presets import preset
@@ -54,7 +54,7 @@ class DMDStep:
         from trainers.common import StageContext
         from trainers.dmd import make_state
         from trainers.tokenizer import build_discriminator
-        over = {"run.allow_random_weights": True, "run.precision": run_precision(device, precision), "run.seed": seed,
+        over = {"run.allow_random_weights": True, "run.precision": precision_label(device, precision), "run.seed": seed,
                 "teacher.size": size, "dmd.batch_size": batch, "dmd.cfg_scale": cfg_scale,
                 "dmd.vae_every": vae_every, "run.num_workers": 1}
         cfg = preset(preset_name, over)

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from benchmarks.common import (Result, base_parser, count_flops, matmul_peak, median, peak_memory_mib,
-                               precision_label, report, run_precision, reset_peak_memory, setup, time_calls)
+                               precision_label, report, reset_peak_memory, setup, time_calls)
 from dmvae_study.config import latent_shape
 from dmvae_study.presets import preset
 from dmvae_study.objectives.recon import ReconstructionLoss, build_lpips
@@ -42,7 +42,7 @@ class TokenizerStep:
         from trainers.common import StageContext
         from trainers.tokenizer import setup
         cfg = resolve(preset(preset_name, {"run.allow_random_weights": True,
-                                           "run.precision": run_precision(device, precision),
+                                           "run.precision": precision_label(device, precision),
                                            "run.seed": seed, "tokenizer.batch_size": batch, "run.num_workers": 1}),
                       "dinov2")
         t = cfg.tokenizer

@@ -67,13 +67,9 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
 
 
-def run_precision(device: torch.device, precision: Precision) -> str:
-    """The `run.precision` a stage needs to compute as this benchmark labels it (`auto` resolved on `device`:
-    the trainers resolve `auto` from `run.use_gpu`, not from the device)."""
-    return "bf16" if amp_dtype(device, precision) is not None else "fp32"
-
-
 def precision_label(device: torch.device, precision: Precision) -> str:
+    """"bf16" or "fp32" as this benchmark computes (`auto` resolved on `device`); also the `run.precision` a stage
+    needs to compute the same, since the trainers resolve `auto` from `run.use_gpu`, not from the device."""
     return "bf16" if amp_dtype(device, precision) is not None else "fp32"
 
 
@@ -313,6 +309,6 @@ def split_list(s: str) -> list[str]:
     return [x for x in (p.strip() for p in s.split(",")) if x]
 
 
-__all__ = ["Result", "amp_dtype", "run_precision", "autocast", "base_parser", "compile_forward", "count_flops", "flop_counter_mode", "format_table",
+__all__ = ["Result", "amp_dtype", "autocast", "base_parser", "compile_forward", "count_flops", "flop_counter_mode", "format_table",
            "machine_info", "matmul_peak", "median", "peak_memory_mib", "pick_device", "precision_label", "report",
            "reset_peak_memory", "setup", "split_list", "sync", "time_calls"]

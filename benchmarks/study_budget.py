@@ -120,7 +120,7 @@ def collect(folder: Path, store: Path | None = None, price: str = "own",
     for a in arts.values():
         if a.measured_s is None and store is not None:
             art = ArtifactDir(store / a.stage / a.name)
-            metrics = art.path / "metrics.jsonl"
+            metrics = art.file("metrics.jsonl")
             timed = [r["time/wall_s"] for r in read_jsonl(metrics) if "time/wall_s" in r] if metrics.exists() else []
             if timed:
                 a.threads = host_threads(art.summary().get("host"))

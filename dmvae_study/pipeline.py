@@ -206,8 +206,12 @@ def amp_precision(cfg: ExperimentConfig) -> str:
     `auto` is bf16 autocast for GPU workers (`run.use_gpu`) and fp32 otherwise. `StageContext.autocast`
     follows it, and a bf16 stage's artifact key carries it, so a store never hands a bf16 artifact to an
     fp32 run or the other way round."""
-    p = cfg.run.precision
-    return "bf16" if p == "bf16" or (p == "auto" and cfg.run.use_gpu) else "fp32"
+    return effective_precision(cfg.run.precision, cfg.run.use_gpu)
+
+
+def effective_precision(precision: str, use_gpu: bool) -> str:
+    """`amp_precision`'s rule on the two settings (also for manifests' flattened configs)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and use_gpu) else "fp32"
 
 
 def artifact_key(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -266,7 +270,7 @@ def shared_work(cfgs: list[ExperimentConfig]) -> list[tuple[str, ExperimentConfi
 
 
 __all__ = ["BASELINE_ROWS", "LaunchOptions", "RUN_KEYS", "STAGES", "Stage", "amp_precision", "artifact", "artifact_key",
-           "derived",
+           "derived", "effective_precision",
            "final_tokenizer", "input_artifact", "is_baseline", "is_prior", "plan", "required_weights", "resolve",
            "shared_work",
            "store_of", "tokenizer_kind"]

@@ -38,12 +38,18 @@ class RefineState:
 
 
 def setup(ctx: StageContext) -> RefineState:
-    cfg, r = ctx.cfg, ctx.cfg.refine
-    src = artifact(cfg, "dmd")
+    """The state over the DMD stage's tokenizer and discriminator."""
+    src = artifact(ctx.cfg, "dmd")
     tok = load_tokenizer(src, ctx.device, trainable=True)
-    tok.encoder.requires_grad_(False).eval()  # encoder and projector frozen (App. A.4)
-    disc = build_discriminator(cfg)
+    disc = build_discriminator(ctx.cfg)
     disc.load_state_dict(load_torch(src.file("disc.pt")))
+    return state_for(ctx, tok, disc)
+
+
+def state_for(ctx: StageContext, tok: nn.Module, disc: nn.Module) -> RefineState:
+    """Refinement of `tok`'s decoder against `disc` (benchmarks pass modules not loaded from an artifact)."""
+    cfg, r = ctx.cfg, ctx.cfg.refine
+    tok.encoder.requires_grad_(False).eval()  # encoder and projector frozen (App. A.4)
     rloss = build_recon_loss(cfg, 0, ctx.device)
     opt_g, opt_d = Optim(tok.decoder.parameters(), r, ctx.device), Optim(disc.parameters(), r, ctx.device)
     ctx.channels_last(tok.decoder, disc)

@@ -32,14 +32,11 @@ def changed_settings(before: StudyRow, after: StudyRow) -> dict[str, tuple[Any, 
     (ABSENT where a manifest lacks the key: written before the setting existed). Run fields that do not
     change results (paths, workers, allocator) are left out: only `pipeline.RUN_KEYS` and the precision the
     stages computed in (`run.precision` as `pipeline.amp_precision` reads it: `auto` on CPU workers is fp32) count."""
-    from types import SimpleNamespace
-
-    from dmvae_study.pipeline import RUN_KEYS, amp_precision
+    from dmvae_study.pipeline import RUN_KEYS, effective_precision
     a, b = flatten(before.config), flatten(after.config)
     for flat in (a, b):
         if "run.precision" in flat:
-            run = SimpleNamespace(precision=flat["run.precision"], use_gpu=bool(flat.get("run.use_gpu")))
-            flat["run.precision"] = amp_precision(SimpleNamespace(run=run))  # type: ignore[arg-type]
+            flat["run.precision"] = effective_precision(flat["run.precision"], bool(flat.get("run.use_gpu")))
     keep = {f"run.{k}" for k in RUN_KEYS} | {"run.precision"}
     return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
             if a.get(k, ABSENT) != b.get(k, ABSENT) and (not k.startswith("run.") or k in keep)}
