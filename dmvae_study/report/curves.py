@@ -195,9 +195,10 @@ def stage_grid(n_panels: int) -> tuple[int, int]:
 
 
 def stage_figsize(n_panels: int) -> tuple[float, float]:
-    """Inches of a stage's figure: its panel grid plus the legend band."""
+    """Inches of a stage's figure: its panel grid plus the legend band, at least two panels wide (a one-panel
+    figure's title and four-column legend are wider than one panel and were cut at its edges)."""
     lines, cols = stage_grid(n_panels)
-    return cols * PANEL_IN[0], lines * PANEL_IN[1] + LEGEND_IN
+    return max(cols, 2) * PANEL_IN[0], lines * PANEL_IN[1] + LEGEND_IN
 
 
 def plot_stage(study: Study, out: Path, stage: str) -> Path | None:
